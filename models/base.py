@@ -172,6 +172,18 @@ class VisionLanguageAdapter(ABC):
     def unpruned_positions(self, batch: PreparedBatch) -> torch.Tensor:
         """Position ids of the UNPRUNED padded sequence: (B, L) or (3, B, L) for M-RoPE."""
 
+    @abstractmethod
+    def estimate_visual_tokens(self, image_size: tuple[int, int]) -> int:
+        """Unpruned visual tokens for an original image of (w, h), without decoding any pixels."""
+
+    @abstractmethod
+    def model_input_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(w, h) of the image the vision encoder sees for an original image of (w, h)."""
+
+    @abstractmethod
+    def frame_for(self, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """(offset_x, offset_y, extent_x, extent_y): original pixel = norm * extent - offset."""
+
     def llm_position_kwargs(self) -> dict[str, Any]:
         """Extra forward kwargs for the LLM call (none by default)."""
         return {}

@@ -115,7 +115,7 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
         )
 
     def model_input_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         image_processor = self.processor.image_processor
         size = getattr(image_processor, "size", None) or {}

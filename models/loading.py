@@ -1,0 +1,83 @@
+"""Load a model directory (the built-in model, or a local Qwen2.5-VL / LLaVA-1.5 checkpoint) into a `ModelRunner`.
+
+This is the only entry point the serving worker uses. Nothing is downloaded: every path is a local directory, and
+`HF_HUB_OFFLINE=1` is set before transformers looks at it. The family is read from the directory's `config.json`
+(`model_type`), so one setting (`NUWA_MODEL`) serves any supported checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from models.base import VisionLanguageAdapter
+from models.runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_MODEL_DIR = Path(__file__).resolve().parent / "builtin" / "nuwa-tiny-llava"
+BUILTIN_ALIASES = {"builtin", "built-in", "nuwa-tiny-llava", ""}
+
+
+def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
+    """`builtin` (or empty) -> the committed built-in model; anything else must be an existing local directory."""
+    if str(model).strip().lower() in BUILTIN_ALIASES:
+        return BUILTIN_MODEL_DIR
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model directory {str(path)!r} has no config.json (expected a local checkpoint)"
+        )
+    return path
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_adapter(model_dir: str | os.PathLike[str] = "builtin", device: str = "auto") -> ModelRunner:
+    """Load the model + processor from a local directory and wrap them for serving.
+
+    Args:
+        model_dir: `builtin` or a local checkpoint directory (Qwen2.5-VL or LLaVA-1.5 layout).
+        device: `auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ...
+
+    Returns:
+        A `ModelRunner` whose `run(tasks)` executes batched, per-request pruned generation.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoProcessor
+
+    path = resolve_model_dir(model_dir)
+    target = resolve_device(device)
+    dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+    model_type = AutoConfig.from_pretrained(path).model_type
+    adapter: VisionLanguageAdapter
+    if model_type == "llava":
+        from transformers import LlavaForConditionalGeneration
+
+        from models.llava import LlavaAdapter
+
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(path)
+        adapter = LlavaAdapter(model.to(target).eval(), processor)
+    elif model_type == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        from models.qwen2_5_vl import Qwen2_5_VLAdapter, Qwen2_5_VLImageOnlyProcessor
+
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        processor = Qwen2_5_VLImageOnlyProcessor.from_pretrained(path)
+        adapter = Qwen2_5_VLAdapter(model.to(target).eval(), processor)
+    else:
+        raise ValueError(f"unsupported model_type {model_type!r} in {path}; supported: llava, qwen2_5_vl")
+    logger.info("loaded %s (%s) on %s", path.name, model_type, target)
+    return ModelRunner(adapter, name=path.name)
+
+
+__all__ = ["BUILTIN_MODEL_DIR", "load_adapter", "resolve_device", "resolve_model_dir"]

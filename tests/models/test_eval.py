@@ -1,0 +1,80 @@
+"""The retention study CLI on a saved tiny checkpoint: scene items, JSONL items, table, verdict and plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models import eval as retention
+from models import scenes
+from tests.models.tiny import tiny_llava
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-llava")
+    model, processor = tiny_llava()
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def test_study_on_scenes_writes_table_and_plot(model_dir, tmp_path):
+    out = tmp_path / "RETENTION.md"
+    retention.main(
+        [
+            "--model",
+            str(model_dir),
+            "--limit",
+            "3",
+            "--methods",
+            "nuwa",
+            "fastv",
+            "--budgets",
+            "0.25",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
+    text = out.read_text()
+    assert "| none | 100% | 64.0 |" in text
+    assert "| nuwa | 25% |" in text and "| fastv | 25% |" in text
+    assert "## Verdict" in text
+    assert (tmp_path / "retention.png").stat().st_size > 10_000
+
+
+def test_jsonl_items_and_scoring(tmp_path):
+    grounding, vqa = scenes.evaluation_set(num_grounding=2, num_vqa=2)
+    lines = []
+    for i, item in enumerate(grounding):
+        scenes.render(item.scene).save(tmp_path / f"g{i}.png")
+        lines.append({"type": "ground", "image": f"g{i}.png", "phrase": item.phrase, "box": list(item.box)})
+    for i, item in enumerate(vqa):
+        scenes.render(item.scene).save(tmp_path / f"v{i}.png")
+        lines.append({"type": "vqa", "image": f"v{i}.png", "question": item.question, "answer": item.answer})
+    path = tmp_path / "items.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    items = retention.jsonl_items(path, limit=1)
+    assert [item.kind for item in items] == ["ground", "vqa"]
+    assert items[0].box == tuple(map(float, grounding[0].box)) and items[1].answer == vqa[0].answer
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"type": "caption", "image": "g0.png"}))
+    with pytest.raises(ValueError, match="type must be"):
+        retention.jsonl_items(bad)
+
+
+def test_verdict_reads_the_numbers():
+    reference = retention.Score("none", "none", None, 9, 10, 9, 10)
+    nuwa = retention.Score("nuwa", "nuwa", 0.25, 5, 10, 9, 10)
+    fastv = retention.Score("fastv", "fastv", 0.25, 1, 10, 9, 10)
+    text = retention.verdict([reference, nuwa, fastv])
+    assert "Nüwa keeps 55.6% of unpruned grounding" in text and "SHOWS" in text
+    assert "does NOT show" in retention.verdict(
+        [reference, fastv, retention.Score("nuwa", "nuwa", 0.25, 0, 10, 9, 10)]
+    )
