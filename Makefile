@@ -30,7 +30,14 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 test: $(STAMP) lint
+	bash scripts/ensure-prometheus.sh
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
+
+# Deployment checks only (hadolint, kubernetes-validate, promtool, a real Prometheus scraping the service).
+.PHONY: test-deploy
+test-deploy: $(STAMP)
+	bash scripts/ensure-prometheus.sh
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q tests/deploy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -208,7 +208,8 @@ class VisionLanguageAdapter(ABC):
         n, k1, grid = encoded.num_tokens, plan.stage1_tokens, encoded.grid
         features = encoded.features
         compressed = False
-        if config.method in ("none", "fastv", "nuwa_stage2") or k1 >= n and not config.aggregation:
+        keep_all = k1 >= n and (config.budget is None or not config.aggregation)
+        if config.method in ("none", "fastv", "nuwa_stage2") or keep_all:
             index = torch.arange(n, device=features.device)
             kept = features
         elif config.method == "random":

@@ -62,6 +62,15 @@ def test_none_equals_untouched_model(adapter):
     assert [r.stage1 for r in output.reports] == [r.original for r in output.reports]
 
 
+@pytest.mark.parametrize("method", ["nuwa", "nuwa_stage1", "random", "pooling", "visionzip", "fastv"])
+def test_no_budget_keeps_everything_unchanged(adapter, method):
+    batch = adapter.prepare(IMAGES[:2], PROMPTS[:2])
+    none = adapter.forward(batch, [PruningConfig(method="none")] * 2)
+    output = adapter.forward(batch, [PruningConfig(method=method)] * 2)
+    torch.testing.assert_close(output.logits, none.logits, atol=1e-5, rtol=0)
+    assert all(r.average == r.original for r in output.reports)
+
+
 def test_nuwa_keep_all_without_aggregation_equals_none(adapter):
     batch = adapter.prepare(IMAGES[:2], PROMPTS[:2])
     none = adapter.forward(batch, [PruningConfig(method="none")] * 2)

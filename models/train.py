@@ -1,0 +1,435 @@
+"""Train the built-in model, one curriculum stage at a time, resumably.
+
+``python -m models.train --out DIR --stage single --steps 20000 [--init DIR] [--resume] ...``
+
+* Data: `models.builtin.data.SceneBatches` in DataLoader workers (scenes drawn straight into tensors).
+* Optimiser: AdamW (no weight decay on norms, biases and embeddings: the `<loc_k>` rows carry an ordinal code
+  that decay would erode), linear warm-up then cosine decay to 10% of the peak, gradient clipping at 1.0.
+* Loss: cross-entropy on answer tokens and `</s>` only. For a `<loc_k>` target the target distribution is
+  ``(1 - w) * onehot(k) + w * gauss(k, sigma)``, the Gaussian taken over the 1000 location bins and renormalised
+  there (default w = 0.5, sigma = 8 bins, i.e. 2.7 px at 336 px, a tenth of a 28 px patch). The soft part tells
+  the tiny model that a near miss is better than a far one (the hard target alone treats bin k+1 like bin 0);
+  the hard part keeps the mode sharp for greedy decoding. sigma is wider than a few bins because 1000 bins are
+  finer than anything the 12x12 patch grid resolves, and an Acc@0.5 hit tolerates several pixels of error.
+* Evaluation every ``--eval-every`` steps: greedy `generate()` through the real processor on a held-out set of
+  the stage's own items and on the first items of `scenes.evaluation_set` (Acc@0.5 and VQA exact match, also
+  per kind), appended to DIR/metrics.jsonl with the training loss.
+* Checkpoints: DIR/checkpoint (a loadable model directory: model + processor) and DIR/trainer_state.pt
+  (optimizer, scheduler, step, RNG states). ``--resume`` continues exactly: the data stream is a pure function of
+  (seed, step). ``--resume --steps N`` with a larger N extends the run (the cosine restarts from its new
+  schedule position). Each stage of the curriculum starts from the previous stage with ``--init PREV_DIR``.
+* CUDA when present (bf16 autocast), else CPU in fp32 with ``--threads`` torch threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    ProcessorMixin,
+)
+
+from models import scenes
+from models.builtin.build import TINY_OVERRIDES, build_builtin
+from models.builtin.data import (
+    IGNORE_INDEX,
+    STAGES,
+    Example,
+    SceneBatches,
+    make_loader,
+    official_eval_examples,
+    stage_eval_examples,
+)
+from models.grounding import LOC_BINS, parse_boxes, resize_frame, to_pixels
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+STATE_FILE = "trainer_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train the built-in tiny LLaVA on synthetic scenes.")
+    parser.add_argument("--out", required=True, type=Path, help="run directory")
+    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--steps", required=True, type=int, help="total optimizer steps of this stage")
+    parser.add_argument("--init", type=Path, help="start from this model dir (or run dir with checkpoint/)")
+    parser.add_argument("--resume", action="store_true", help="continue DIR from its trainer_state.pt")
+    parser.add_argument(
+        "--stop-at", type=int, default=None, help="save and exit at this step (schedule still spans --steps)"
+    )
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--grounding-fraction", type=float, default=0.6)
+    parser.add_argument("--loc-sigma", type=float, default=8.0, help="Gaussian width in location bins")
+    parser.add_argument("--loc-soft-weight", type=float, default=0.5, help="share of the soft loc target")
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-items", type=int, default=200, help="items per evaluation set")
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--num-workers", type=int, default=None, help="DataLoader workers (1 on CPU, 4 on CUDA)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="fresh model uses the test-sized config")
+    return parser.parse_args(argv)
+
+
+def answer_loss(
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: torch.nn.Module,
+    loc_offset: int,
+    sigma: float,
+    soft_weight: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy on answer positions, with the soft ordinal target for location tokens.
+
+    Args:
+        hidden_states: `torch.FloatTensor` of shape `(B, L, H)`, the LLM's last hidden states.
+        labels: `torch.LongTensor` of shape `(B, L)`, -100 except answer tokens (not yet shifted).
+        lm_head: The output projection (only applied to answer positions, which saves most of its cost).
+        loc_offset: Token id of `<loc_0>`.
+        sigma: Gaussian width in bins.
+        soft_weight: Weight of the soft target (0 gives plain cross-entropy).
+
+    Returns:
+        (mean loss over answer tokens, {"token_acc", "loc_acc", "loc_abs_err"} for logging).
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logits = lm_head(hidden_states[:, :-1][mask]).float()  # (N, V)
+    targets = targets[mask]
+    log_probs = F.log_softmax(logits, dim=-1)
+    losses = -log_probs.gather(1, targets[:, None]).squeeze(1)
+    loc_index = targets - loc_offset
+    is_loc = (loc_index >= 0) & (loc_index < LOC_BINS)
+    stats: dict[str, float] = {"token_acc": (logits.argmax(-1) == targets).float().mean().item()}
+    if is_loc.any():
+        bins = torch.arange(LOC_BINS, device=logits.device, dtype=torch.float32)
+        centre = loc_index[is_loc].float()[:, None]
+        if soft_weight > 0:
+            gauss = torch.exp(-0.5 * ((bins[None, :] - centre) / sigma) ** 2)
+            gauss = gauss / gauss.sum(-1, keepdim=True)
+            loc_log_probs = log_probs[is_loc][:, loc_offset : loc_offset + LOC_BINS]
+            soft = -(gauss * loc_log_probs).sum(-1)
+            losses = losses.clone()
+            losses[is_loc] = (1 - soft_weight) * losses[is_loc] + soft_weight * soft
+        predicted = logits[is_loc].argmax(-1) - loc_offset
+        stats["loc_acc"] = (predicted == loc_index[is_loc]).float().mean().item()
+        stats["loc_abs_err"] = (predicted.float() - centre.squeeze(1)).abs().mean().item()
+    return losses.mean(), stats
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens, as `generate()` derives them, so padding side never matters."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def training_step(
+    model: LlavaForConditionalGeneration,
+    batch: dict[str, torch.Tensor],
+    args: argparse.Namespace,
+    loc_offset: int,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward one collated batch (already on the model's device) and return the loss."""
+    device = batch["input_ids"].device
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    )
+    with autocast:
+        outputs = model.model(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=batch["attention_mask"],
+            position_ids=position_ids_from_mask(batch["attention_mask"]),
+            use_cache=False,
+        )
+        return answer_loss(
+            outputs.last_hidden_state,
+            batch["labels"],
+            model.lm_head,
+            loc_offset,
+            args.loc_sigma,
+            args.loc_soft_weight,
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model: LlavaForConditionalGeneration,
+    processor: ProcessorMixin,
+    examples: list[Example],
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Greedy generation through the real processor; Acc@0.5 for grounding, exact match for questions.
+
+    Returns:
+        {"ground_acc", "vqa_acc", "<kind>_acc" per item kind, "ground_n", "vqa_n"}.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        texts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.prompt}]}],
+                add_generation_prompt=True,
+            )
+            for ex in chunk
+        ]
+        images = [scenes.render(ex.scene) for ex in chunk]
+        inputs = processor(images=images, text=texts, padding=True, return_tensors="pt").to(device)
+        autocast = (
+            torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+            if device.type == "cuda"
+            else nullcontext()
+        )
+        with autocast:
+            generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        answers = processor.batch_decode(
+            generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=False
+        )
+        for ex, answer in zip(chunk, answers, strict=True):
+            hits[ex.kind].append(_is_correct(ex, answer, processor))
+    if was_training:
+        model.train()
+    metrics: dict[str, float] = {}
+    for family in ("ground", "vqa"):
+        family_hits = [h for kind, values in hits.items() if kind.startswith(family) for h in values]
+        if family_hits:
+            metrics[f"{family}_acc"] = sum(family_hits) / len(family_hits)
+            metrics[f"{family}_n"] = len(family_hits)
+    for kind, values in sorted(hits.items()):
+        metrics[f"{kind}_acc"] = sum(values) / len(values)
+    return metrics
+
+
+def _is_correct(example: Example, answer: str, processor: ProcessorMixin) -> bool:
+    if example.box is not None:
+        size = example.scene.size
+        boxes = parse_boxes(answer, "loc_tokens", (size, size))
+        if not boxes:
+            return False
+        predicted = to_pixels(boxes[0].xyxy_norm, resize_frame((size, size)), (size, size))
+        return scenes.grounding_correct(predicted, example.box)
+    text = answer
+    for token in (processor.tokenizer.eos_token, processor.tokenizer.pad_token):
+        text = text.replace(token, "")
+    return scenes.vqa_correct(text, example.answer)
+
+
+def _load_model_dir(path: Path) -> Path:
+    return path / CHECKPOINT if (path / CHECKPOINT / "config.json").exists() else path
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or "embed" in name or "norm" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_lambda(warmup: int, total: int) -> Any:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _save(
+    out: Path,
+    model: LlavaForConditionalGeneration,
+    processor: ProcessorMixin,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    args: argparse.Namespace,
+) -> None:
+    """Write checkpoint/ and trainer_state.pt through temporary names, so a kill never leaves half a file."""
+    tmp_dir = out / f"{CHECKPOINT}.tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    model.save_pretrained(tmp_dir)
+    processor.save_pretrained(tmp_dir)
+    state = {
+        "step": step,
+        "stage": args.stage,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python_rng": random.getstate(),
+    }
+    torch.save(state, out / f"{STATE_FILE}.tmp")
+    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    os.replace(tmp_dir, out / CHECKPOINT)
+    os.replace(out / f"{STATE_FILE}.tmp", out / STATE_FILE)
+
+
+def _append_metrics(out: Path, record: dict[str, Any]) -> None:
+    with (out / METRICS_FILE).open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run (or resume) one stage; returns the last evaluation record."""
+    torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    state: dict[str, Any] | None = None
+    if args.resume:
+        if not (args.out / STATE_FILE).exists():
+            raise FileNotFoundError(f"--resume: no {STATE_FILE} in {args.out}")
+        state = torch.load(args.out / STATE_FILE, map_location="cpu", weights_only=False)
+        if state["stage"] != args.stage:
+            raise ValueError(f"--resume: {args.out} holds stage {state['stage']!r}, not {args.stage!r}")
+        source: Path | None = args.out / CHECKPOINT
+    else:
+        source = _load_model_dir(args.init) if args.init else None
+    if source is None:
+        model, processor = build_builtin(None, TINY_OVERRIDES if args.tiny else None, seed=args.seed)
+    else:
+        processor = AutoProcessor.from_pretrained(source)
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32)
+    model.to(device).train()
+    loc_offset = int(processor.tokenizer.convert_tokens_to_ids("<loc_0>"))
+
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-8, fused=False
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args.warmup, args.steps))
+    step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random.setstate(state["python_rng"])
+        logger.info("resumed %s at step %d", args.out, step)
+
+    num_workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 1)
+    dataset = SceneBatches(
+        processor.tokenizer,
+        args.stage,
+        args.batch_size,
+        seed=args.seed,
+        start_batch=step,
+        grounding_fraction=args.grounding_fraction,
+    )
+    batches = iter(make_loader(dataset, num_workers))
+    eval_sets: dict[str, list[Example]] = {}
+    if args.eval_items:
+        if args.stage != "all":  # the "all" stage's own distribution is the official set
+            eval_sets["stage"] = stage_eval_examples(args.stage, args.eval_items)
+        eval_sets["all"] = official_eval_examples(max(1, args.eval_items // 2))
+
+    def run_eval() -> dict[str, Any]:
+        started = time.monotonic()
+        record: dict[str, Any] = {"type": "eval", "step": step, "stage": args.stage}
+        for name, examples in eval_sets.items():
+            for key, value in evaluate(model, processor, examples, args.eval_batch_size).items():
+                record[f"{name}/{key}"] = value
+        record["eval_s"] = round(time.monotonic() - started, 1)
+        _append_metrics(args.out, record)
+        logger.info("eval %s", json.dumps(record))
+        return record
+
+    last_eval: dict[str, Any] = {}
+    window: dict[str, list[float]] = defaultdict(list)
+    window_start, data_wait = time.monotonic(), 0.0
+    progress = tqdm(
+        total=args.steps,
+        initial=step,
+        desc=args.stage,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30,
+    )
+    last_step = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
+    while step < last_step:
+        fetch_start = time.monotonic()
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        data_wait += time.monotonic() - fetch_start
+        loss, stats = training_step(model, batch, args, loc_offset)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}")
+        window["loss"].append(loss.item())
+        window["grad_norm"].append(float(grad_norm))
+        for key, value in stats.items():
+            window[key].append(value)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if step % args.log_every == 0 or step == last_step:
+            elapsed = time.monotonic() - window_start
+            record = {"type": "train", "step": step, "stage": args.stage, "lr": scheduler.get_last_lr()[0]}
+            record.update({k: sum(v) / len(v) for k, v in window.items()})
+            record["steps_per_s"] = len(window["loss"]) / elapsed
+            record["data_wait_frac"] = data_wait / elapsed
+            _append_metrics(args.out, record)
+            window.clear()
+            window_start, data_wait = time.monotonic(), 0.0
+        if step % args.eval_every == 0 or step == last_step:
+            if eval_sets:
+                last_eval = run_eval()
+            _save(args.out, model, processor, optimizer, scheduler, step, args)
+            window_start = time.monotonic()
+    progress.close()
+    return last_eval
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

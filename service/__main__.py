@@ -1,0 +1,35 @@
+"""`python -m service` (and `make serve`): build Settings from NUWA_* env vars and run uvicorn in the foreground."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from service.app import create_app
+from service.logs import configure_logging
+from service.server import DrainingServer
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def main() -> None:
+    """Serve on NUWA_HOST:NUWA_PORT (default 127.0.0.1:8000) until SIGTERM/SIGINT, then drain and exit."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    DrainingServer(config, app=app, drain_timeout_s=settings.drain_timeout_s).run()
+
+
+if __name__ == "__main__":
+    main()

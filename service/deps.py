@@ -1,0 +1,67 @@
+"""Typed dependency aliases: settings, supervisor, metrics and the API-key check, declared once."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.errors import UnauthorizedError
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+from service.supervisor import Supervisor
+
+logger = logging.getLogger(__name__)
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_supervisor(request: Request) -> Supervisor:
+    return request.app.state.supervisor
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SupervisorDep = Annotated[Supervisor, Depends(get_supervisor)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """401 unless `NUWA_API_KEYS` is empty or the request carries `Authorization: Bearer <one of them>`."""
+    if not settings.api_keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if scheme.lower() != "bearer" or not token:
+        raise UnauthorizedError(
+            "missing API key: send Authorization: Bearer <key>", code="missing_api_key", headers=challenge
+        )
+    # Compare against every key in constant time, so timing does not reveal which key prefix matched.
+    matched = False
+    for key in settings.api_keys:
+        matched |= hmac.compare_digest(token.encode(), key.encode())
+    if not matched:
+        raise UnauthorizedError("invalid API key", code="invalid_api_key", headers=challenge)
+
+
+ApiKeyDep = Depends(require_api_key)
+
+__all__ = [
+    "ApiKeyDep",
+    "MetricsDep",
+    "SettingsDep",
+    "SupervisorDep",
+    "get_metrics",
+    "get_settings",
+    "get_supervisor",
+    "require_api_key",
+]

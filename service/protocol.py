@@ -1,0 +1,273 @@
+"""Wire schemas: request and response bodies of every endpoint (pydantic), shown in /docs.
+
+OpenAI-compatible models list OpenAI's fields first (same names and meaning as the public API reference) and
+keep nuwa's own additions grouped under `nuwa`, so an OpenAI client ignores them safely. Request models allow
+extra fields, as OpenAI does, and the route logs which ones it ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger(__name__)
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable machine-readable reason, e.g. queue_full_requests.")
+    message: str = Field(description="Human-readable explanation with the numbers involved.")
+    request_id: str | None = Field(description="Echo of X-Request-Id (generated when the client sent none).")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class BoxOut(BaseModel):
+    label: str
+    xyxy: list[float] = Field(
+        description="[x1, y1, x2, y2] in ORIGINAL image pixels (after EXIF orientation)."
+    )
+    xyxy_norm: list[float] = Field(description="The same box divided by the original width/height (0..1).")
+
+
+class VisualTokensOut(BaseModel):
+    original: int = Field(description="Visual tokens of the unpruned image.")
+    stage1: int = Field(description="Visual tokens fed to the LLM (after vision-side pruning).")
+    stage2: int = Field(description="Visual tokens left after the LLM-side drop (= stage1 when none).")
+    average: float = Field(description="Mean over LLM layers of the visual tokens each layer saw.")
+    budget: int | float | None = Field(
+        description="Requested budget: int = average tokens, float = keep ratio."
+    )
+    method: str = Field(description="Pruning method applied.")
+
+
+class TimingMsOut(BaseModel):
+    queue: float = Field(description="Waiting in the batching queue.")
+    image_decode: float = Field(description="API-side decode + EXIF transpose (before queueing).")
+    preprocess: float = Field(description="Worker: resize/normalise + tokenise, for the whole batch.")
+    vision: float = Field(description="Worker: vision encoder.")
+    prune: float = Field(description="Worker: stage-1 pruning.")
+    prefill: float = Field(description="Worker: LLM prefill (includes the stage-2 drop).")
+    decode: float = Field(description="Worker: token generation after the first token.")
+    total: float = Field(description="Arrival to answer, end to end.")
+
+
+class KeptTokensOut(BaseModel):
+    grid: list[int] = Field(description="[rows, cols] of the visual-token grid over the model input.")
+    stage1: list[list[int]] = Field(description="[row, col] cells fed to the LLM, raster order.")
+    stage2: list[list[int]] = Field(description="[row, col] cells kept to the end, raster order.")
+
+
+class DegradationOut(BaseModel):
+    """Present (non-null) only when load-adaptive degradation lowered this request's budget."""
+
+    requested_budget: int | float | None = Field(
+        description="Budget the request would have run with (None = every token)."
+    )
+    applied_budget: int | float = Field(
+        description="Budget it ran with: int = average tokens, float = ratio."
+    )
+    floor_budget: int | float = Field(
+        description="Its floor: the request's min_budget, else NUWA_DEGRADE_FLOOR."
+    )
+    queue_depth: int = Field(description="Requests waiting in the queue when it was admitted.")
+    level: float = Field(
+        description="0..1: how far the keep ratio was moved from the requested one to the floor."
+    )
+
+
+class _TaskResponseBase(BaseModel):
+    request_id: str
+    model: str
+    image_size: list[int] = Field(description="[width, height] of the original (upright) image.")
+    model_input_size: list[int] = Field(description="[width, height] of the image the vision encoder saw.")
+    visual_tokens: VisualTokensOut
+    timing_ms: TimingMsOut
+    batch_size: int = Field(description="Requests in the batched forward this request ran in.")
+    raw_output: str = Field(description="What the model literally generated (special tokens kept).")
+    kept_tokens: KeptTokensOut | None = Field(default=None, description="Only with ?include=kept_tokens.")
+    degradation: DegradationOut | None = Field(
+        default=None, description="Non-null when the budget was lowered under load (NUWA_DEGRADE_*)."
+    )
+
+
+class GroundResponse(_TaskResponseBase):
+    phrase: str
+    boxes: list[BoxOut] = Field(description="Best first; empty (not an error) when the model gave no box.")
+
+
+class AnswerResponse(_TaskResponseBase):
+    question: str
+    answer: str
+
+
+class GroundJsonRequest(BaseModel):
+    """JSON form of POST /ground (multipart/form-data takes the same field names)."""
+
+    image: str = Field(description="Base64 image, a data: URL, or an http(s) URL if allow-listed.")
+    phrase: str = Field(description="Referring expression, e.g. 'the red circle'.")
+    budget: int | float | str | None = Field(default=None, description="64 (tokens) or 0.25 (keep ratio).")
+    method: str | None = Field(default=None, description="Pruning method; default NUWA_DEFAULT_METHOD.")
+    min_budget: int | float | str | None = Field(
+        default=None,
+        description="Lowest budget load-adaptive degradation may apply (default NUWA_DEGRADE_FLOOR).",
+    )
+
+
+class AnswerJsonRequest(BaseModel):
+    """JSON form of POST /answer (multipart/form-data takes the same field names)."""
+
+    image: str = Field(description="Base64 image, a data: URL, or an http(s) URL if allow-listed.")
+    question: str
+    budget: int | float | str | None = None
+    method: str | None = None
+    min_budget: int | float | str | None = None
+
+
+# --------------------------------------------------------------------------- OpenAI-compatible chat
+
+
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageUrl | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+class NuwaOptions(BaseModel):
+    """nuwa extension of a chat request: the visual-token budget and pruning method of THIS request."""
+
+    model_config = ConfigDict(extra="forbid")
+    budget: int | float | str | None = Field(default=None, description="64 (tokens) or 0.25 (keep ratio).")
+    method: str | None = Field(default=None, description="Pruning method; default NUWA_DEFAULT_METHOD.")
+    min_budget: int | float | str | None = Field(
+        default=None,
+        description="Lowest budget load-adaptive degradation may apply (default NUWA_DEGRADE_FLOOR).",
+    )
+
+
+class ChatCompletionRequest(BaseModel):
+    """https://platform.openai.com/docs/api-reference/chat/create (the subset that applies; others ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+    messages: list[ChatMessage]
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stream: bool | None = False
+    n: int | None = Field(default=1, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    # --- nuwa extensions ---
+    nuwa: NuwaOptions | None = Field(default=None, description="Per-request visual-token budget and method.")
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatChoiceMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int = Field(
+        description="Prompt tokens the LLM received (text + visual tokens after pruning)."
+    )
+    completion_tokens: int
+    total_tokens: int
+    image_tokens_before_pruning: int = Field(description="Visual tokens of the unpruned image.")
+    image_tokens_after_pruning: int = Field(description="Visual tokens fed to the LLM (stage 1).")
+    prompt_tokens_before_pruning: int = Field(description="Prompt tokens had nothing been pruned.")
+
+
+class ChatNuwaInfo(BaseModel):
+    request_id: str
+    visual_tokens: VisualTokensOut
+    timing_ms: TimingMsOut
+    batch_size: int
+    image_size: list[int]
+    model_input_size: list[int]
+    degradation: DegradationOut | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+    nuwa: ChatNuwaInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "nuwa-serve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "starting", "unhealthy"]
+    worker: dict[str, Any]
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    reason: str | None = None
+    model: str | None = None
+    device: str | None = None
+
+
+__all__ = [
+    "AnswerJsonRequest",
+    "AnswerResponse",
+    "BoxOut",
+    "ChatChoice",
+    "ChatChoiceMessage",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatMessage",
+    "ChatNuwaInfo",
+    "ChatUsage",
+    "ContentPart",
+    "DegradationOut",
+    "ErrorInfo",
+    "ErrorResponse",
+    "GroundJsonRequest",
+    "GroundResponse",
+    "HealthResponse",
+    "ImageUrl",
+    "KeptTokensOut",
+    "ModelCard",
+    "ModelList",
+    "NuwaOptions",
+    "ReadyResponse",
+    "TimingMsOut",
+    "VisualTokensOut",
+]

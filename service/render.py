@@ -1,0 +1,65 @@
+"""`?render=png`: the input image with the kept visual tokens shaded and the boxes drawn.
+
+For people who would rather look than read: cells fed to the LLM (stage 1) get a light tint, cells kept to the
+end (stage 2) a stronger one, everything pruned stays as it was; boxes are outlined on top with their label.
+The worker supplies each kept cell's box in original pixels (it knows how the model framed the image), so this
+module only draws.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+STAGE1_TINT = (0, 170, 255, 70)
+STAGE2_TINT = (0, 120, 255, 120)
+BOX_COLOUR = (255, 0, 160)
+
+
+def render_overlay(
+    image: Image.Image,
+    boxes: Sequence[tuple[str, Sequence[float]]],
+    cells: Sequence[tuple[tuple[int, int], Sequence[float]]],
+    kept_stage2: Sequence[tuple[int, int]],
+) -> bytes:
+    """Draw the overlay and encode it as PNG.
+
+    Args:
+        image: The upright RGB input image.
+        boxes: (label, [x1, y1, x2, y2] original pixels), best first.
+        cells: ((row, col), [x1, y1, x2, y2] original pixels) of each cell kept at stage 1.
+        kept_stage2: (row, col) of the cells kept after stage 2 (a subset of `cells`).
+
+    Returns:
+        PNG bytes of an image of the same size as `image`.
+    """
+    base = image.convert("RGBA")
+    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    final = {tuple(cell) for cell in kept_stage2}
+    for cell, (x1, y1, x2, y2) in cells:
+        if x2 - x1 < 1e-6 or y2 - y1 < 1e-6:
+            continue  # a cell of the padding: nothing of the original image lies under it
+        tint = STAGE2_TINT if tuple(cell) in final else STAGE1_TINT
+        draw.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), fill=tint, outline=(0, 90, 200, 150))
+    composed = Image.alpha_composite(base, overlay)
+    draw = ImageDraw.Draw(composed)
+    width = max(2, round(max(base.size) / 150))
+    for index, (label, (x1, y1, x2, y2)) in enumerate(boxes):
+        draw.rectangle(
+            (x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=BOX_COLOUR, width=width if index == 0 else 1
+        )
+        if label:
+            text_y = y1 - 12 if y1 >= 12 else y2 + 2
+            draw.text((x1 + 2, text_y), label, fill=BOX_COLOUR)
+    buffer = io.BytesIO()
+    composed.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+__all__ = ["render_overlay"]

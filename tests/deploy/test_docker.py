@@ -1,0 +1,193 @@
+"""The Dockerfile(s): hadolint, and the facts the rest of the deployment relies on.
+
+No Docker engine runs here, so the image is checked by reading it: the linter the ecosystem uses, and
+consistency with the service (env names validated by service.settings.Settings, the port, the health endpoint,
+the default model path, the drain-related stop signal) and with .dockerignore (every COPY source is in the build
+context). The health-check script itself runs for real against a local HTTP server.
+"""
+
+from __future__ import annotations
+
+import http.server
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.support import (
+    DOCKER_DIR,
+    DOCKERFILE,
+    DOCKERFILES,
+    REPO,
+    arg_defaults,
+    dockerignore_excludes,
+    env_of,
+    final_stage,
+    free_port,
+    instructions,
+    settings_fields,
+    tool,
+    validate_settings_env,
+)
+
+
+# ------------------------------------------------------------------------------------------------ hadolint
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
+def test_hadolint_passes(dockerfile: Path) -> None:
+    result = subprocess.run(
+        [tool("hadolint"), "--no-color", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"hadolint {dockerfile.name}:\n{result.stdout}{result.stderr}"
+
+
+def test_hadolint_reports_a_bad_dockerfile(tmp_path: Path) -> None:
+    """The linter really lints: an unpinned base and a cache-keeping apt-get are reported."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu\nRUN apt-get update && apt-get install curl\n", encoding="utf-8")
+    result = subprocess.run(
+        [tool("hadolint"), "--no-color", str(bad)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode != 0
+    assert "DL3006" in result.stdout and "DL3009" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------ contents
+def test_multi_stage_gpu_default_with_cpu_build_arg() -> None:
+    items = instructions(DOCKERFILE)
+    froms = [args for keyword, args in items if keyword == "FROM"]
+    assert len(froms) >= 2 and all(" AS " in args.upper() for args in froms), froms
+    defaults = arg_defaults(items)
+    assert defaults["BASE_IMAGE"].startswith("nvidia/cuda:") and "runtime" in defaults["BASE_IMAGE"]
+    assert re.search(r"/whl/cu\d+$", defaults["TORCH_INDEX_URL"]), defaults["TORCH_INDEX_URL"]
+    # Every stage starts from the build-arg base, so --build-arg BASE_IMAGE=ubuntu:24.04 makes the CPU image.
+    assert all(args.split()[0] == "${BASE_IMAGE}" for args in froms)
+    # Same torch as the Makefile installs locally; never torchvision.
+    makefile_torch = re.search(r"torch==([0-9.]+)", (REPO / "Makefile").read_text(encoding="utf-8"))
+    assert makefile_torch is not None and defaults["TORCH_VERSION"] == makefile_torch.group(1)
+    assert not any("torchvision" in args.lower() for _, args in items)
+
+
+def test_runtime_stage_runs_the_service_as_non_root() -> None:
+    stage = final_stage(DOCKERFILE)
+    users = [args for keyword, args in stage if keyword == "USER"]
+    assert users, "the runtime stage sets no USER"
+    user = users[-1].split(":")[0]
+    assert user not in ("0", "root"), user
+    cmd = [args for keyword, args in stage if keyword == "CMD"][-1]
+    assert cmd.replace(" ", "") == '["python","-m","service"]'
+    assert ("STOPSIGNAL", "SIGTERM") in stage
+
+
+def test_env_names_are_service_settings_and_validate() -> None:
+    env = env_of(final_stage(DOCKERFILE))
+    nuwa = {key: value for key, value in env.items() if key.startswith("NUWA_")}
+    unknown = set(nuwa) - set(settings_fields())
+    assert not unknown, f"ENV names no service setting: {sorted(unknown)}"
+    settings = validate_settings_env(nuwa)
+    assert settings.host == "0.0.0.0", "inside a container the service must listen on every interface"
+    exposed = [args for keyword, args in final_stage(DOCKERFILE) if keyword == "EXPOSE"]
+    assert exposed == [str(settings.port)]
+    assert settings.drain_timeout_s > 0
+
+
+def test_builtin_model_is_baked_in_where_the_service_looks() -> None:
+    """NUWA_MODEL defaults to the copied built-in model, at the path service/settings.py derives itself."""
+    from service.settings import BUILTIN_MODEL_DIR
+
+    stage = final_stage(DOCKERFILE)
+    workdir = [args for keyword, args in stage if keyword == "WORKDIR"][-1]
+    relative = BUILTIN_MODEL_DIR.relative_to(REPO).as_posix()
+    assert env_of(stage)["NUWA_MODEL"] == f"{workdir}/{relative}"
+    assert env_of(stage)["PYTHONPATH"] == workdir
+    copies = [args.split() for keyword, args in stage if keyword == "COPY" and "--from" not in args]
+    assert any(parts[0] == "models" for parts in copies), copies
+    assert not dockerignore_excludes(f"{relative}/config.json")
+    assert not dockerignore_excludes(f"{relative}/model.safetensors")
+    volumes = [args for keyword, args in stage if keyword == "VOLUME"]
+    assert volumes == ['["/models"]']
+
+
+def test_copy_sources_exist_and_are_in_the_build_context() -> None:
+    for keyword, args in instructions(DOCKERFILE):
+        if keyword != "COPY" or "--from=" in args:
+            continue
+        sources = [part for part in args.split() if not part.startswith("--")][:-1]
+        for source in sources:
+            assert (REPO / source).exists(), f"COPY source {source} does not exist"
+            assert not dockerignore_excludes(source), f"COPY source {source} is excluded by .dockerignore"
+            if (REPO / source).is_dir():
+                files = [p for p in (REPO / source).rglob("*.py") if "__pycache__" not in p.parts]
+                assert files and not any(dockerignore_excludes(p.relative_to(REPO).as_posix()) for p in files)
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    for path in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        "checkpoints/x/model.safetensors",
+        "tests/deploy/support.py",
+    ):
+        assert dockerignore_excludes(path), path
+    assert dockerignore_excludes("service/__pycache__/app.cpython-311.pyc")
+
+
+def test_healthcheck_probes_healthz() -> None:
+    stage = final_stage(DOCKERFILE)
+    health = [args for keyword, args in stage if keyword == "HEALTHCHECK"]
+    assert len(health) == 1 and "/opt/nuwa/docker/healthcheck.py" in health[0], health
+    assert re.search(r"--start-period=\d+s", health[0])
+
+
+# ------------------------------------------------------------------------------------------------ healthcheck.py
+class _Handler(http.server.BaseHTTPRequestHandler):
+    status = 200
+    paths: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server API)
+        type(self).paths.append(self.path)
+        self.send_response(type(self).status)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server API)
+        pass
+
+
+@pytest.fixture
+def health_server() -> Iterator[tuple[int, type[_Handler]]]:
+    handler = type("Handler", (_Handler,), {"status": 200, "paths": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1]), handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run_healthcheck(port: int) -> int:
+    return subprocess.run(
+        [sys.executable, str(DOCKER_DIR / "healthcheck.py")],
+        env={"NUWA_PORT": str(port), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    ).returncode
+
+
+def test_healthcheck_script_exit_codes(health_server: tuple[int, type[_Handler]]) -> None:
+    port, handler = health_server
+    assert run_healthcheck(port) == 0
+    assert handler.paths == ["/healthz"]
+    handler.status = 503
+    assert run_healthcheck(port) == 1
+    assert run_healthcheck(free_port()) == 1  # nothing listening

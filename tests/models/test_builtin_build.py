@@ -1,0 +1,232 @@
+"""The built-in model: offline tokenizer/processor/model build and reload, training data, training loop."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from models import scenes
+from models.builtin.build import NUM_IMAGE_TOKENS, TINY_OVERRIDES, build_builtin, ordinal_code, sincos_2d
+from models.builtin.data import (
+    IGNORE_INDEX,
+    SceneBatches,
+    TokenTable,
+    collate,
+    phrase_kind,
+    sample_example,
+    stage_eval_examples,
+)
+from models.builtin.tokenizer import LOC_TOKENS
+from models.grounding import parse_boxes
+from models.train import STATE_FILE, answer_loss, evaluate, parse_args, train
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_builtin")
+    build_builtin(out, TINY_OVERRIDES, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_dir: Path) -> LlavaProcessor:
+    return AutoProcessor.from_pretrained(tiny_dir)
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def test_reload_offline_with_auto_classes(tiny_dir: Path, processor: LlavaProcessor) -> None:
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    assert isinstance(model, LlavaForConditionalGeneration)
+    assert isinstance(processor, LlavaProcessor)
+    tokenizer = processor.tokenizer
+    config = model.config
+    assert config.image_token_id == tokenizer.convert_tokens_to_ids("<image>") == processor.image_token_id
+    assert config.text_config.vocab_size % 64 == 0 and config.text_config.vocab_size >= len(tokenizer)
+    assert config.text_config.eos_token_id == tokenizer.eos_token_id
+    assert config.text_config.pad_token_id == tokenizer.pad_token_id
+    assert config.text_config.num_hidden_layers >= 4
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert tokenizer.padding_side == "left"
+
+
+def test_processor_output_and_chat_template(processor: LlavaProcessor) -> None:
+    text = processor.apply_chat_template(_user("Locate the red circle."), add_generation_prompt=True)
+    assert text == "USER: <image>\nLocate the red circle. ASSISTANT:"
+    full = processor.apply_chat_template(
+        _user("What color is the square?") + [{"role": "assistant", "content": "red"}]
+    )
+    assert full == "USER: <image>\nWhat color is the square? ASSISTANT: red</s>"
+    image = scenes.render(scenes.random_scene(random.Random(0), 448, 3))
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 336, 336)
+    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == NUM_IMAGE_TOKENS == 144
+    assert inputs["input_ids"][0, 0] == processor.tokenizer.bos_token_id
+
+
+def test_location_tokens_are_single_contiguous_ids(processor: LlavaProcessor) -> None:
+    tokenizer = processor.tokenizer
+    ids = tokenizer("<loc_0><loc_999> <loc_500>", add_special_tokens=False)["input_ids"]
+    offset = tokenizer.convert_tokens_to_ids("<loc_0>")
+    assert ids[0] == offset and ids[1] == offset + 999 and ids[-1] == offset + 500
+    assert tokenizer.convert_tokens_to_ids(list(LOC_TOKENS)) == list(range(offset, offset + 1000))
+    assert 600 <= len(tokenizer) - 1004 <= 1000  # BPE vocabulary besides the specials
+
+
+def test_initialisation_is_spatial_and_ordinal(tiny_dir: Path) -> None:
+    weights = load_file(tiny_dir / "model.safetensors")
+    positions = next(v for k, v in weights.items() if k.endswith("embeddings.position_embedding.weight"))[1:]
+    patch = next(v for k, v in weights.items() if k.endswith("embeddings.patch_embedding.weight"))
+    assert positions.shape[0] == NUM_IMAGE_TOKENS
+    # Proportional to the 2-D sin/cos code, at a magnitude near the patch embedding's (not the 0.02 default).
+    code = sincos_2d(12, positions.shape[1])
+    assert F.cosine_similarity(positions.flatten(), code.flatten(), dim=0) > 0.999
+    assert positions.pow(2).mean().sqrt() > 0.2
+    assert patch.abs().max() > 0
+    tokens = next(v for k, v in weights.items() if k.endswith("embed_tokens.weight"))
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    offset = processor.tokenizer.convert_tokens_to_ids("<loc_0>")
+    loc = tokens[offset : offset + 1000]
+    near = F.cosine_similarity(loc[:-1], loc[1:], dim=1).mean()
+    far = F.cosine_similarity(loc[:500], loc[500:], dim=1).mean()
+    assert near > 0.98 and far < 0.5
+    assert ordinal_code(1000, 32).shape == (1000, 32)
+
+
+def test_batch_matches_processor_and_masks_prompt(processor: LlavaProcessor) -> None:
+    table = TokenTable(processor.tokenizer)
+    rng = random.Random(5)
+    examples = [sample_example(rng, "all", size) for size in (224, 336, 448, 280)]
+    batch = collate(examples, table)
+    assert batch["pixel_values"].shape == (4, 3, 336, 336) and batch["pixel_values"].dtype == torch.float32
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    for row, example in enumerate(examples):
+        messages = _user(example.prompt) + [{"role": "assistant", "content": example.answer}]
+        text = processor.apply_chat_template(messages)
+        reference = processor(images=[scenes.render(example.scene)], text=[text], return_tensors="pt")
+        length = int(batch["attention_mask"][row].sum())
+        assert batch["input_ids"][row, :length].tolist() == reference["input_ids"][0].tolist()
+        assert torch.allclose(batch["pixel_values"][row], reference["pixel_values"][0], atol=1e-5)
+        labels = batch["labels"][row]
+        answer = table.answer_ids(example.answer)
+        assert labels[length - len(answer) : length].tolist() == answer
+        assert (labels[: length - len(answer)] == IGNORE_INDEX).all() and (
+            labels[length:] == IGNORE_INDEX
+        ).all()
+        assert answer[-1] == processor.tokenizer.eos_token_id
+        if example.box is not None:
+            (box,) = parse_boxes(example.answer, "loc_tokens", (336, 336))
+            size = example.scene.size
+            assert scenes.iou([v * size for v in box.xyxy_norm], example.box) > 0.95
+
+
+def test_stages_draw_their_own_distribution(processor: LlavaProcessor) -> None:
+    rng = random.Random(1)
+    single = [sample_example(rng, "single", 336) for _ in range(40)]
+    assert all(len(e.scene.objects) == 1 for e in single)
+    assert {e.kind for e in single} <= {"ground/color_shape", "vqa/color", "vqa/shape"}
+    color = [sample_example(rng, "color", 336) for _ in range(40)]
+    assert all(2 <= len(e.scene.objects) <= 5 for e in color)
+    assert {e.kind for e in color if e.box is not None} == {"ground/color_object"}
+    assert phrase_kind("the leftmost circle") == "extremal" and phrase_kind("the circle") == "shape"
+    assert stage_eval_examples("color", 6) == stage_eval_examples("color", 6)
+    with pytest.raises(ValueError, match="unknown stage"):
+        sample_example(rng, "everything", 336)
+
+
+def test_stream_is_a_function_of_seed_and_index(processor: LlavaProcessor) -> None:
+    stream = SceneBatches(processor.tokenizer, "single", batch_size=2, seed=3)
+    resumed = SceneBatches(processor.tokenizer, "single", batch_size=2, seed=3, start_batch=1)
+    first, second = next(iter(stream)), next(iter(resumed))
+    assert torch.equal(second["input_ids"], stream.batch(1)["input_ids"])
+    assert not torch.equal(first["pixel_values"], second["pixel_values"])
+
+
+def test_soft_location_loss() -> None:
+    torch.manual_seed(0)
+    vocab, offset = 1100, 50
+    head = torch.nn.Linear(8, vocab, bias=False)
+    hidden = torch.randn(2, 3, 8)
+    labels = torch.tensor([[IGNORE_INDEX, 7, 9], [IGNORE_INDEX, IGNORE_INDEX, offset + 400]])
+    hard, _ = answer_loss(hidden, labels, head, offset, sigma=8.0, soft_weight=0.0)
+    logits = head(hidden[:, :-1]).reshape(-1, vocab)
+    expected = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    assert torch.allclose(hard, expected, atol=1e-6)
+    # With the soft target, putting mass on a neighbouring bin costs less than on a far one.
+    with torch.no_grad():
+        head.weight.zero_()
+    near_hidden = torch.zeros(1, 2, 8)
+    near_hidden[0, 0, 0] = 1.0
+    target = torch.tensor([[IGNORE_INDEX, offset + 400]])
+    for bin_index, bucket in ((403, "near"), (700, "far")):
+        with torch.no_grad():
+            head.weight.zero_()
+            head.weight[offset + bin_index, 0] = 10.0
+        loss, stats = answer_loss(near_hidden, target, head, offset, sigma=8.0, soft_weight=0.5)
+        if bucket == "near":
+            near_loss, near_err = loss, stats["loc_abs_err"]
+        else:
+            far_loss = loss
+    assert near_loss < far_loss and near_err == 3.0
+
+
+def _train_args(out: Path, *extra: str) -> list[str]:
+    return [
+        "--out", str(out), "--stage", "single", "--tiny", "--batch-size", "2", "--num-workers", "0",
+        "--eval-items", "4", "--eval-every", "2", "--log-every", "1", "--warmup", "1", *extra,
+    ]  # fmt: skip
+
+
+def test_training_steps_stay_finite_and_change_weights(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    record = train(parse_args(_train_args(out, "--steps", "2")))
+    assert record["step"] == 2 and 0.0 <= record["stage/ground_acc"] <= 1.0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if r["type"] == "train"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    model = AutoModelForImageTextToText.from_pretrained(out / "checkpoint")
+    trained = model.state_dict()
+    fresh, _ = build_builtin(None, TINY_OVERRIDES, seed=0)
+    changed = [k for k, v in fresh.state_dict().items() if not torch.equal(v, trained[k])]
+    assert len(changed) > 10 and all(torch.isfinite(v).all() for v in trained.values())
+    metrics = evaluate(
+        model, AutoProcessor.from_pretrained(out / "checkpoint"), stage_eval_examples("single", 2)
+    )
+    assert set(metrics) >= {"ground_acc", "vqa_acc"}
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(parse_args(_train_args(straight, "--steps", "4", "--eval-items", "0")))
+    train(parse_args(_train_args(split, "--steps", "4", "--stop-at", "2", "--eval-items", "0")))
+    assert torch.load(split / STATE_FILE, weights_only=False)["step"] == 2
+    train(parse_args(_train_args(split, "--steps", "4", "--resume", "--eval-items", "0")))
+    assert torch.load(split / STATE_FILE, weights_only=False)["step"] == 4
+    a = load_file(straight / "checkpoint" / "model.safetensors")
+    b = load_file(split / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(ValueError, match="stage"):
+        train(parse_args([*_train_args(split, "--steps", "4", "--resume"), "--stage", "color"]))
+
+
+def test_all_stage_evaluates_on_the_official_set(tmp_path: Path) -> None:
+    record = train(
+        parse_args([*_train_args(tmp_path / "all", "--steps", "1", "--eval-items", "4"), "--stage", "all"])
+    )
+    assert record["all/ground_n"] == 2 and record["all/vqa_n"] == 2
+    assert not any(key.startswith("stage/") for key in record)

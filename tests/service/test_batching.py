@@ -1,0 +1,129 @@
+"""Dynamic batching rules: full batch or oldest item's wait, removal, expiry, split-on-failure."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from service.batching import PendingItem, PendingQueue, collect_batch, run_splitting, split_expired
+
+
+def _item(value: int, enqueued_at: float | None = None, deadline: float = float("inf")) -> PendingItem[int]:
+    return PendingItem(
+        payload=value, enqueued_at=time.monotonic() if enqueued_at is None else enqueued_at, deadline=deadline
+    )
+
+
+def test_full_batch_leaves_without_waiting() -> None:
+    async def scenario() -> tuple[list[int], float]:
+        queue: PendingQueue[int] = PendingQueue()
+        for value in range(5):
+            queue.put(_item(value))
+        start = time.monotonic()
+        batch = await collect_batch(queue, max_batch_size=4, max_wait_s=5.0)
+        return [item.payload for item in batch], time.monotonic() - start
+
+    payloads, waited = asyncio.run(scenario())
+    assert payloads == [0, 1, 2, 3]
+    assert waited < 0.5
+
+
+def test_partial_batch_waits_for_the_oldest_items_window() -> None:
+    async def scenario() -> tuple[list[int], float]:
+        queue: PendingQueue[int] = PendingQueue()
+        start = time.monotonic()
+        queue.put(_item(1))
+
+        async def late_arrival() -> None:
+            await asyncio.sleep(0.05)
+            queue.put(_item(2))
+
+        task = asyncio.create_task(late_arrival())
+        batch = await collect_batch(queue, max_batch_size=8, max_wait_s=0.2)
+        await task
+        return [item.payload for item in batch], time.monotonic() - start
+
+    payloads, waited = asyncio.run(scenario())
+    assert payloads == [1, 2]
+    assert 0.15 <= waited < 1.0
+
+
+def test_items_that_already_waited_leave_at_once() -> None:
+    async def scenario() -> tuple[int, float]:
+        queue: PendingQueue[int] = PendingQueue()
+        queue.put(_item(1, enqueued_at=time.monotonic() - 10.0))
+        start = time.monotonic()
+        batch = await collect_batch(queue, max_batch_size=8, max_wait_s=1.0)
+        return len(batch), time.monotonic() - start
+
+    size, waited = asyncio.run(scenario())
+    assert size == 1
+    assert waited < 0.2
+
+
+def test_removed_item_never_reaches_a_batch() -> None:
+    async def scenario() -> list[int]:
+        queue: PendingQueue[int] = PendingQueue()
+        gone = _item(1)
+        queue.put(gone)
+        queue.put(_item(2))
+        assert queue.remove(gone) is True
+        assert queue.remove(gone) is False
+        return [item.payload for item in await collect_batch(queue, max_batch_size=8, max_wait_s=0.0)]
+
+    assert asyncio.run(scenario()) == [2]
+
+
+def test_split_expired() -> None:
+    now = 100.0
+    live, expired = split_expired([_item(1, deadline=99.0), _item(2, deadline=101.0)], now)
+    assert [i.payload for i in live] == [2]
+    assert [i.payload for i in expired] == [1]
+
+
+def test_collect_batch_rejects_zero_batch_size() -> None:
+    with pytest.raises(ValueError, match="max_batch_size"):
+        asyncio.run(collect_batch(PendingQueue(), max_batch_size=0, max_wait_s=0.1))
+
+
+class _MemoryLimitedEngine:
+    """Fails any batch whose total 'size' exceeds a budget, like a device running out of memory."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.calls: list[list[int]] = []
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.calls.append(list(items))
+        if sum(items) > self.budget:
+            raise RuntimeError("CUDA out of memory")
+        return [value * 10 for value in items]
+
+
+def test_run_splitting_isolates_the_request_that_cannot_fit() -> None:
+    engine = _MemoryLimitedEngine(budget=10)
+    retries: list[str] = []
+    results = run_splitting(
+        engine,
+        [3, 3, 20, 3],
+        on_error=lambda item, exc: f"failed {item}: {exc}",
+        before_retry=lambda e: retries.append(str(e)),
+    )
+    assert results == [30, 30, "failed 20: CUDA out of memory", 30]
+    assert engine.calls[0] == [3, 3, 20, 3]
+    assert retries  # the cache-emptying hook ran before retrying
+
+
+def test_run_splitting_passes_a_good_batch_through_once() -> None:
+    engine = _MemoryLimitedEngine(budget=100)
+    assert run_splitting(engine, [1, 2, 3], on_error=lambda item, exc: None) == [10, 20, 30]
+    assert len(engine.calls) == 1
+
+
+def test_run_splitting_treats_a_short_answer_as_a_failure() -> None:
+    def drops_one(items: list[int]) -> list[int]:
+        return [0] * max(len(items) - 1, 1) if len(items) > 1 else [len(items)]
+
+    assert run_splitting(drops_one, [7, 8], on_error=lambda item, exc: -1) == [1, 1]

@@ -1,0 +1,100 @@
+"""A second server with a small queue: 429 when the visual-token queue is full, clients that leave are dropped
+from the queue, and SIGTERM drains (readiness 503, new work 503, queued work finishes, clean exit)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import ServerProcess, start_server
+from tests.service.helpers import assert_error, ground, metric, red_circle_png, scrape
+
+# One request at a time, and a queue of at most 2000 estimated visual tokens (13 images of 144 tokens).
+SMALL_QUEUE = {
+    "max_batch_size": "1",
+    "max_wait_ms": "0",
+    "max_queue_requests": "100",
+    "max_queue_visual_tokens": "2000",
+    "retry_after_s": "2",
+    "drain_timeout_s": "30",
+}
+
+
+@pytest.fixture(scope="module")
+def small_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    handle = start_server(model_dir, tmp_path_factory.mktemp("logs"), "small-queue", **SMALL_QUEUE)
+    try:
+        handle.wait_for("/readyz")
+        yield handle
+    finally:
+        handle.stop()
+
+
+def test_full_visual_token_queue_answers_429_with_retry_after(small_server: ServerProcess) -> None:
+    png = red_circle_png()
+    depths: list[float] = []
+    with small_server.client() as client, ThreadPoolExecutor(max_workers=40) as pool:
+        futures = [pool.submit(ground, client, png, "the red circle", budget=16) for _ in range(40)]
+        for _ in range(5):
+            time.sleep(0.1)
+            samples = scrape(client)
+            depths.append(metric(samples, "nuwa_queue_depth_visual_tokens"))
+        responses = [future.result(timeout=120) for future in futures]
+        samples = scrape(client)
+    statuses = [response.status_code for response in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    assert 200 in statuses and 429 in statuses, statuses
+    for response in responses:
+        if response.status_code == 429:
+            assert_error(response, 429, "queue_full_visual_tokens")
+            assert response.headers["retry-after"] == "2"
+    assert max(depths) > 0 and max(depths) <= 2000 and max(depths) % 144 == 0, depths
+    assert metric(samples, "nuwa_rejections_total", reason="queue_full_visual_tokens") == statuses.count(429)
+    assert metric(samples, "nuwa_queue_depth_requests") == 0
+
+
+def test_client_that_leaves_is_dropped_from_the_queue(small_server: ServerProcess) -> None:
+    png = red_circle_png()
+    with small_server.client() as client, ThreadPoolExecutor(max_workers=10) as pool:
+        before = metric(scrape(client), "nuwa_rejections_total", reason="client_disconnected")
+        busy = [pool.submit(ground, client, png, "the red circle", budget=16) for _ in range(10)]
+        time.sleep(0.1)
+        with small_server.client(timeout=0.3) as impatient, pytest.raises(httpx.ReadTimeout):
+            ground(impatient, png, "the red circle", headers={"X-Request-Id": "impatient-1"})
+        assert all(future.result(timeout=60).status_code == 200 for future in busy)
+        deadline = time.monotonic() + 10
+        while metric(scrape(client), "nuwa_rejections_total", reason="client_disconnected") == before:
+            assert time.monotonic() < deadline, "the server never noticed the client leaving"
+            time.sleep(0.1)
+    lines = [
+        r
+        for r in small_server.log_records()
+        if r.get("request_id") == "impatient-1" and r.get("event") == "request"
+    ]
+    assert len(lines) == 1
+    assert lines[0]["status"] == 499 and lines[0]["client_gone_while"] == "queued"
+
+
+def test_sigterm_drains_queued_work_then_exits(small_server: ServerProcess) -> None:
+    png = red_circle_png()
+    with small_server.client() as client, ThreadPoolExecutor(max_workers=10) as pool:
+        futures = [pool.submit(ground, client, png, "the red circle", budget=16 + i) for i in range(10)]
+        next(as_completed(futures)).result()  # the worker is busy and the rest are queued
+        small_server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        assert_error(client.get("/readyz"), 503, "draining")
+        refused = ground(client, png, "the red circle")
+        assert_error(refused, 503, "shutting_down")
+        assert refused.headers["retry-after"] == "2"
+        statuses = [future.result(timeout=60).status_code for future in futures]
+    assert statuses == [200] * 10
+    assert small_server.process.wait(timeout=60) == 0
+    messages = [r.get("message", "") for r in small_server.log_records()]
+    assert any("draining" in message for message in messages)
+    assert any("worker exiting" in message for message in messages)

@@ -1,0 +1,84 @@
+"""NUWA_MODEL can name a Qwen2.5-VL directory: dynamic resolution reaches the API (sizes, token counts, boxes).
+
+Uses a tiny random-weight Qwen2.5-VL of the real transformers class (tests/models/tiny.py), saved to disk and
+served exactly like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from PIL import Image
+
+from tests.service.conftest import REPO, ServerProcess, start_server
+from tests.service.helpers import ground, metric, scrape
+from tests.service.images import encode
+
+SAVE_TINY_QWEN = (
+    "import sys, torch\n"
+    "torch.set_num_threads(1)\n"
+    "from tests.models.tiny import tiny_qwen\n"
+    "model, processor = tiny_qwen(max_pixels=224 * 224)\n"
+    "model.save_pretrained(sys.argv[1])\n"
+    "processor.save_pretrained(sys.argv[1])\n"
+)
+
+
+@pytest.fixture(scope="module")
+def qwen_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    model_dir = tmp_path_factory.mktemp("qwen") / "tiny-qwen2.5-vl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-c", SAVE_TINY_QWEN, str(model_dir)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    handle = start_server(
+        model_dir, tmp_path_factory.mktemp("logs"), "qwen", max_batch_size="4", max_wait_ms="30"
+    )
+    try:
+        handle.wait_for("/readyz")
+        yield handle
+    finally:
+        handle.stop()
+
+
+def test_dynamic_resolution_sizes_and_tokens(qwen_server: ServerProcess) -> None:
+    wide = encode(Image.new("RGB", (448, 224), (230, 230, 230)))
+    small = encode(Image.new("RGB", (100, 100), (230, 230, 230)))
+    with qwen_server.client() as client:
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-qwen2.5-vl"
+        body = ground(client, wide, "the red circle", budget=0.5).json()
+        # smart resize within max_pixels=224*224 to multiples of 28: 448x224 -> 308x140 = 11x5 tokens
+        assert body["image_size"] == [448, 224]
+        assert body["model_input_size"] == [308, 140]
+        tokens = body["visual_tokens"]
+        assert tokens["original"] == 55 and tokens["budget"] == 0.5
+        assert tokens["stage2"] < tokens["stage1"] < 55
+        for box in body["boxes"]:
+            x1, y1, x2, y2 = box["xyxy"]
+            assert 0 <= x1 < x2 <= 448 and 0 <= y1 < y2 <= 224
+        small_body = ground(client, small, "the red circle", method="none").json()
+        assert small_body["model_input_size"] == [112, 112]
+        assert small_body["visual_tokens"]["original"] == 16
+        samples = scrape(client)
+        assert metric(samples, "nuwa_visual_tokens_original_sum") >= 55 + 16
+
+
+def test_kept_tokens_follow_the_qwen_grid(qwen_server: ServerProcess) -> None:
+    wide = encode(Image.new("RGB", (448, 224), (200, 220, 240)))
+    with qwen_server.client() as client:
+        response = ground(client, wide, "the red circle", budget=20, params={"include": "kept_tokens"})
+        assert response.status_code == 200, response.text
+        kept = response.json()["kept_tokens"]
+        assert kept["grid"] == [5, 11]
+        assert all(0 <= r < 5 and 0 <= c < 11 for r, c in kept["stage1"])
+        overlay = ground(client, wide, "the red circle", budget=20, params={"render": "png"})
+        assert overlay.headers["content-type"] == "image/png"
