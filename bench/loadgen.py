@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write every record as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     payloads = scene_payloads(8, args.budget, args.min_budget, args.deadline, args.api_key)
     if args.mode == "open":
         result = run(

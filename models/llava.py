@@ -109,10 +109,12 @@ class LlavaAdapter(VisionLanguageAdapter):
         fill = self.pad_fill()
         for image in images:
             rgb = image.convert("RGB")
-            square, (offset_x, offset_y) = expand_to_square(rgb, fill)
+            shrunk, scale = self._bounded(rgb)
+            square, (offset_x, offset_y) = expand_to_square(shrunk, fill)
             side = float(square.size[0])
             squares.append(square)
-            frames.append((float(offset_x), float(offset_y), side, side))
+            # original pixel = (norm * side - offset) / scale
+            frames.append((offset_x / scale, offset_y / scale, side / scale, side / scale))
             sizes.append(rgb.size)
         texts = [self.format_prompt(prompt) for prompt in prompts]
         inputs = self.processor(images=squares, text=texts, padding=True, return_tensors="pt")
@@ -124,6 +126,23 @@ class LlavaAdapter(VisionLanguageAdapter):
             inputs=inputs, image_sizes=sizes, model_input_sizes=[(side, side)] * len(sizes), frames=frames
         )
 
+    def _bounded(self, image: Image.Image) -> tuple[Image.Image, float]:
+        """Shrink images much larger than the model input BEFORE padding to a square.
+
+        The square is resized to `input_side` anyway; padding a 20000 x 1 image first would allocate a
+        20000 x 20000 canvas. Bounding the long side at 2 x input_side keeps the result the same to within
+        resampling and the memory small.
+        """
+        limit = 2 * self.input_side
+        width, height = image.size
+        if max(width, height) <= limit:
+            return image, 1.0
+        scale = limit / max(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        return image.resize(size, Image.Resampling.BILINEAR), size[0] / width if width >= height else size[
+            1
+        ] / height
+
     def estimate_visual_tokens(self, image_size: tuple[int, int]) -> int:
         rows, cols = self.grid
         return rows * cols
@@ -132,9 +151,18 @@ class LlavaAdapter(VisionLanguageAdapter):
         return self.input_side, self.input_side
 
     def frame_for(self, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """Same mapping as `prepare` computes, from the size alone: original = norm * extent - offset."""
         width, height = image_size
+        limit = 2 * self.input_side
+        scale = 1.0
+        if max(width, height) > limit:
+            factor = limit / max(width, height)
+            shrunk = (max(1, round(width * factor)), max(1, round(height * factor)))
+            scale = shrunk[0] / width if width >= height else shrunk[1] / height
+            width, height = shrunk
         side = max(width, height)
-        return float((side - width) // 2), float((side - height) // 2), float(side), float(side)
+        offset_x, offset_y = (side - width) // 2, (side - height) // 2
+        return offset_x / scale, offset_y / scale, side / scale, side / scale
 
     def encode_images(self, batch: PreparedBatch, configs: Sequence[PruningConfig]) -> list[EncodedImage]:
         vision_tower = self.model.model.vision_tower

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaError
@@ -131,8 +132,17 @@ def decode_image(data: bytes) -> Image.Image:
         raise UnsupportedMediaError(f"the image could not be decoded: {exc}", code="corrupt_image") from exc
 
 
+_WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB with transparency composited on white (a bare convert would show transparent pixels as black)."""
+    """RGB with transparency composited on white (a bare convert would show transparent pixels as black).
+
+    16-bit greyscale (PNG) is scaled to 8 bits first: PIL's own convert clips every value above 255 to white.
+    """
+    if img.mode in _WIDE_GREY_MODES:
+        wide = np.asarray(img, dtype=np.int64)
+        img = Image.fromarray(np.clip(wide >> 8, 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -7,7 +7,8 @@ The stock route (PIL image -> processor -> chat template -> tokenizer, per sampl
       mean/std in numpy;
     * every prompt and answer of the scene grammar is tokenised once (`TokenTable`); a sample's ids are
       ``<s> USER: <image>*144 \\n{prompt} ASSISTANT:`` + answer + ``</s>``, exactly what the processor and the
-      chat template produce; labels are -100 everywhere except the answer and ``</s>``.
+      chat template produce; labels are -100 everywhere except the answer and ``</s>``;
+    * per-patch colour/shape shares (`patch_targets`) come from the drawn pixels for the auxiliary loss.
 
 Batches are collated inside a `torch.utils.data.IterableDataset`, so DataLoader workers do the whole job. Batch
 number b is a pure function of (seed, b): resuming at step b reproduces the stream exactly, whatever the number
@@ -33,7 +34,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from models import scenes
-from models.builtin.build import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, NUM_IMAGE_TOKENS
+from models.builtin.build import CLIP_MEAN, CLIP_STD, GRID_SIDE, IMAGE_SIZE, NUM_IMAGE_TOKENS
 from models.builtin.tokenizer import LOC_TOKENS
 from models.grounding import grounding_prompt, quantize
 
@@ -43,6 +44,10 @@ STAGES: tuple[str, ...] = ("single", "color", "color_shape", "all")
 IGNORE_INDEX = -100
 _STREAM_STRIDE = 10_000_000  # batch b of seed s draws from training_rng(s * stride + b)
 
+_COLOR_INDEX = {name: index for index, name in enumerate(scenes.COLORS)}
+_SHAPE_INDEX = {name: index for index, name in enumerate(scenes.SHAPES)}
+PATCH_TARGET_DIM = 12
+"""Per visual token: 7 colour shares (background first) + 5 shape shares (background first)."""
 _MEAN = np.asarray(CLIP_MEAN, dtype=np.float32) * 255.0
 _INV_STD = 1.0 / (np.asarray(CLIP_STD, dtype=np.float32) * 255.0)
 
@@ -156,8 +161,11 @@ def official_eval_examples(count: int) -> list[Example]:
 
 def image_array(scene: scenes.Scene) -> np.ndarray:
     """The scene as the model's input RGB, `uint8` of shape (336, 336, 3) (bicubic resize when S != 336)."""
-    array = scenes.render_array(scene)
-    if scene.size != IMAGE_SIZE:
+    return _to_input_size(scenes.render_array(scene))
+
+
+def _to_input_size(array: np.ndarray) -> np.ndarray:
+    if array.shape[0] != IMAGE_SIZE or array.shape[1] != IMAGE_SIZE:
         resized = Image.fromarray(array).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
         array = np.asarray(resized)
     return array
@@ -207,7 +215,8 @@ def collate(examples: list[Example], table: TokenTable) -> dict[str, torch.Tenso
 
     Returns:
         pixel_values `torch.FloatTensor` (B, 3, 336, 336); input_ids, labels `torch.LongTensor` (B, L);
-        attention_mask `torch.LongTensor` (B, L).
+        attention_mask `torch.LongTensor` (B, L); patch_targets `torch.FloatTensor` (B, 144, 12), see
+        `patch_targets`.
     """
     sequences, label_rows = [], []
     for example in examples:
@@ -222,13 +231,54 @@ def collate(examples: list[Example], table: TokenTable) -> dict[str, torch.Tenso
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(ids)] = torch.tensor(row_labels)
         attention_mask[row, : len(ids)] = 1
-    pixels = np.stack([normalise(image_array(example.scene)) for example in examples])
+    arrays = [scenes.render_array(example.scene) for example in examples]
+    pixels = np.stack([normalise(_to_input_size(a)) for a in arrays])
+    patches = np.stack([patch_targets(example.scene, a) for example, a in zip(examples, arrays, strict=True)])
     return {
         "pixel_values": torch.from_numpy(pixels),
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
+        "patch_targets": torch.from_numpy(patches),
     }
+
+
+def patch_targets(scene: scenes.Scene, array: np.ndarray | None = None) -> np.ndarray:
+    """What each of the 12x12 visual tokens shows, for the auxiliary dense loss (models/train.py).
+
+    For every patch of the 336 px input frame: the pixel share of background and of each colour (7 values),
+    the pixel share of background and of each shape (5 values), each summing to 1. Pixels are assigned to
+    patches by their position scaled to the grid, so any scene size S works.
+
+    Args:
+        scene: The scene.
+        array: Its `render_array` output, if already drawn.
+
+    Returns:
+        `float32` array of shape (144, 12): colour shares then shape shares.
+    """
+    if array is None:
+        array = scenes.render_array(scene)
+    size = scene.size
+    num_patches = GRID_SIDE * GRID_SIDE
+    cells = (np.arange(size) * GRID_SIDE) // size  # grid row/column of each pixel row/column
+    per_cell = np.bincount(cells, minlength=GRID_SIDE).astype(np.float64)
+    patch_pixels = np.outer(per_cell, per_cell).ravel()
+    colors = np.zeros((num_patches, 7))
+    shapes = np.zeros((num_patches, 5))
+    background = np.asarray(scene.background, dtype=np.uint8)
+    for obj in scene.objects:  # objects never overlap, so their pixels can be counted box by box
+        x1, y1, x2, y2 = obj.box
+        drawn = (array[y1:y2, x1:x2] != background).any(axis=-1)  # colours never equal a background
+        patch = cells[y1:y2, None] * GRID_SIDE + cells[None, x1:x2]
+        counts = np.bincount(patch[drawn], minlength=num_patches)
+        colors[:, _COLOR_INDEX[obj.color] + 1] += counts
+        shapes[:, _SHAPE_INDEX[obj.shape] + 1] += counts
+    colors[:, 0] = patch_pixels - colors[:, 1:].sum(axis=1)
+    shapes[:, 0] = patch_pixels - shapes[:, 1:].sum(axis=1)
+    colors /= patch_pixels[:, None]
+    shapes /= patch_pixels[:, None]
+    return np.concatenate([colors, shapes], axis=1).astype(np.float32)
 
 
 class SceneBatches(torch.utils.data.IterableDataset):
@@ -308,7 +358,9 @@ __all__ = [
     "TokenTable",
     "collate",
     "image_array",
+    "PATCH_TARGET_DIM",
     "make_loader",
+    "patch_targets",
     "normalise",
     "official_eval_examples",
     "phrase_kind",

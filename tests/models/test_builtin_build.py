@@ -21,16 +21,18 @@ from models import scenes
 from models.builtin.build import NUM_IMAGE_TOKENS, TINY_OVERRIDES, build_builtin, ordinal_code, sincos_2d
 from models.builtin.data import (
     IGNORE_INDEX,
+    PATCH_TARGET_DIM,
     SceneBatches,
     TokenTable,
     collate,
+    patch_targets,
     phrase_kind,
     sample_example,
     stage_eval_examples,
 )
 from models.builtin.tokenizer import LOC_TOKENS
 from models.grounding import parse_boxes
-from models.train import STATE_FILE, answer_loss, evaluate, parse_args, train
+from models.train import STATE_FILE, PatchHead, answer_loss, evaluate, parse_args, train
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +116,7 @@ def test_batch_matches_processor_and_masks_prompt(processor: LlavaProcessor) -> 
     batch = collate(examples, table)
     assert batch["pixel_values"].shape == (4, 3, 336, 336) and batch["pixel_values"].dtype == torch.float32
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["patch_targets"].shape == (4, 144, PATCH_TARGET_DIM)
     for row, example in enumerate(examples):
         messages = _user(example.prompt) + [{"role": "assistant", "content": example.answer}]
         text = processor.apply_chat_template(messages)
@@ -230,3 +233,31 @@ def test_all_stage_evaluates_on_the_official_set(tmp_path: Path) -> None:
     )
     assert record["all/ground_n"] == 2 and record["all/vqa_n"] == 2
     assert not any(key.startswith("stage/") for key in record)
+
+
+def test_patch_targets_follow_the_drawn_pixels() -> None:
+    square = scenes.SceneObject("red", "square", (28, 56, 84, 112))  # exactly patches rows 2-3, columns 1-2
+    scene = scenes.Scene(336, (230, 230, 230), (square,))
+    targets = patch_targets(scene)
+    assert targets.shape == (144, PATCH_TARGET_DIM)
+    covered = {row * 12 + col for row in (2, 3) for col in (1, 2)}
+    red, square_share = targets[:, 1], targets[:, 7 + 1 + scenes.SHAPES.index("square")]
+    assert all(red[i] == 1.0 and square_share[i] == 1.0 for i in covered)
+    assert red.sum() == 4.0 and (targets[:, 0] + red == 1.0).all()
+    # A 448 px scene: the same object scaled by 4/3 covers the same patches.
+    big = scenes.Scene(448, (230, 230, 230), (scenes.SceneObject("red", "circle", (0, 0, 112, 112)),))
+    shares = patch_targets(big)[:, 1].reshape(12, 12)
+    assert shares[:3, :3].sum() == pytest.approx(torch.pi / 4 * 9, rel=0.02) and shares[3:].sum() == 0
+
+
+def test_patch_head_loss_is_small_for_right_answers() -> None:
+    head = PatchHead(hidden_size=8)
+    targets = torch.from_numpy(patch_targets(scenes.random_scene(random.Random(2), 336, 3)))[None]
+    features = torch.randn(144, 8)
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.05)
+    start = head.loss(features, targets).item()
+    for _ in range(50):
+        optimizer.zero_grad()
+        head.loss(features, targets).backward()
+        optimizer.step()
+    assert head.loss(features, targets).item() < start

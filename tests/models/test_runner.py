@@ -73,3 +73,20 @@ def test_box_mapping_to_original_pixels(runner):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         resolve_model_dir(tmp_path / "nope")
+
+
+def test_extreme_aspect_ratio_is_bounded_before_padding(runner):
+    """A 20000 x 2 image must not become a 20000 x 20000 canvas; boxes still map to original pixels."""
+    image = Image.new("RGB", (20000, 2), (230, 230, 230))
+    if runner.adapter.family == "qwen2_5_vl":
+        with pytest.raises(ValueError, match="aspect ratio"):  # Qwen's own processor refuses > 200:1
+            runner.adapter.prepare([image], ["What color?"])
+        return
+    batch = runner.adapter.prepare([image], ["What color?"])
+    assert batch.image_sizes == [(20000, 2)]
+    assert runner.adapter.frame_for((20000, 2)) == pytest.approx(batch.frames[0])
+    if runner.adapter.family == "llava":
+        assert runner.input_to_original((0.0, 0.0, 1.0, 1.0), (20000, 2)) == pytest.approx((0, 0, 20000, 2))
+        assert runner.input_to_original((0.25, 0.0, 0.5, 1.0), (20000, 2)) == pytest.approx(
+            (5000, 0, 10000, 2)
+        )
