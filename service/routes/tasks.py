@@ -121,6 +121,41 @@ def _common_fields(completed: Completed, request: Request, model: str, kept: boo
     return fields
 
 
+async def _read_and_run(
+    request: Request,
+    supervisor: SupervisorDep,
+    metrics: MetricsDep,
+    *,
+    field: str,
+    kind: str,
+    want_cells: bool = False,
+):
+    """Shared by /ground and /answer: admission check, input parsing and validation, then the queued run.
+
+    Returns (the validated text, the completed task); raises `ClientGoneError` when the client left.
+    """
+    settings = supervisor.settings
+    supervisor.check_accepting()
+    fields = await read_task_input(request, field, settings.max_body_bytes)
+    text = require_text(fields.text, field, settings.max_phrase_chars)
+    config = build_config(fields.budget, fields.method, settings)
+    min_budget = parse_min_budget(fields.min_budget)
+    data = await image_bytes_of(fields.image_bytes, fields.image_ref, settings)
+    completed = await run_task(
+        request,
+        supervisor,
+        metrics,
+        kind=kind,
+        image_data=data,
+        text=text,
+        config=config,
+        max_new_tokens=settings.max_new_tokens,
+        want_cells=want_cells,
+        min_budget=min_budget,
+    )
+    return text, completed
+
+
 @router.post(
     "/ground",
     summary="Locate a phrase in an image",
@@ -139,27 +174,11 @@ async def ground(
     include: str | None = None,
 ) -> Response:
     """Boxes in original image pixels, best first, with visual-token and per-stage timing metrics."""
-    settings = supervisor.settings
-    supervisor.check_accepting()
     want_png = _wants_png(request, render)
     want_kept = _wants_kept_tokens(include)
-    fields = await read_task_input(request, "phrase", settings.max_body_bytes)
-    phrase = require_text(fields.text, "phrase", settings.max_phrase_chars)
-    config = build_config(fields.budget, fields.method, settings)
-    min_budget = parse_min_budget(fields.min_budget)
-    data = await image_bytes_of(fields.image_bytes, fields.image_ref, settings)
     try:
-        completed = await run_task(
-            request,
-            supervisor,
-            metrics,
-            kind="ground",
-            image_data=data,
-            text=phrase,
-            config=config,
-            max_new_tokens=settings.max_new_tokens,
-            want_cells=want_png,
-            min_budget=min_budget,
+        phrase, completed = await _read_and_run(
+            request, supervisor, metrics, field="phrase", kind="ground", want_cells=want_png
         )
     except ClientGoneError:
         return Response(status_code=499)
@@ -200,25 +219,10 @@ async def answer(
     include: str | None = None,
 ) -> Response:
     """A short text answer with the same visual-token and timing metrics as /ground."""
-    settings = supervisor.settings
-    supervisor.check_accepting()
     want_kept = _wants_kept_tokens(include)
-    fields = await read_task_input(request, "question", settings.max_body_bytes)
-    question = require_text(fields.text, "question", settings.max_phrase_chars)
-    config = build_config(fields.budget, fields.method, settings)
-    min_budget = parse_min_budget(fields.min_budget)
-    data = await image_bytes_of(fields.image_bytes, fields.image_ref, settings)
     try:
-        completed = await run_task(
-            request,
-            supervisor,
-            metrics,
-            kind="answer",
-            image_data=data,
-            text=question,
-            config=config,
-            max_new_tokens=settings.max_new_tokens,
-            min_budget=min_budget,
+        question, completed = await _read_and_run(
+            request, supervisor, metrics, field="question", kind="answer"
         )
     except ClientGoneError:
         return Response(status_code=499)
