@@ -22,7 +22,12 @@
   (optimizer, scheduler, probe, step, RNG states). ``--resume`` continues exactly: the data stream is a pure function of
   (seed, step). ``--resume --steps N`` with a larger N extends the run (the cosine restarts from its new
   schedule position). Each stage of the curriculum starts from the previous stage with ``--init PREV_DIR``.
-* CUDA when present (bf16 autocast), else CPU in fp32 with ``--threads`` torch threads.
+* CUDA when present, else CPU with ``--threads`` torch threads. ``--precision auto`` is bf16 autocast on CUDA and
+  fp32 on CPU; ``--precision bf16`` on a CPU with AVX512-BF16 was measured 2.5x faster per step than fp32 with one
+  thread (0.85 s vs 2.1 s at batch 16, 2 threads vs 1), the master weights and optimizer staying fp32.
+* ``--example-weighting``: every example weighs the same in the answer loss, however many answer tokens it has.
+  With the plain token mean a grounding item (4 location tokens + ``</s>``) outweighed a question (a word +
+  ``</s>``) 2.5 to 1, and the questions stayed at answer priors while grounding rose (stage ``single``, step 750).
 """
 
 from __future__ import annotations
@@ -101,6 +106,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU",
+    )
+    parser.add_argument(
+        "--example-weighting",
+        action="store_true",
+        help="weigh examples equally in the answer loss (default: every answer token equally)",
+    )
+    parser.add_argument(
         "--num-workers", type=int, default=None, help="DataLoader workers (1 on CPU, 4 on CUDA)"
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -115,6 +131,7 @@ def answer_loss(
     loc_offset: int,
     sigma: float,
     soft_weight: float,
+    per_example: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy on answer positions, with the soft ordinal target for location tokens.
 
@@ -125,12 +142,14 @@ def answer_loss(
         loc_offset: Token id of `<loc_0>`.
         sigma: Gaussian width in bins.
         soft_weight: Weight of the soft target (0 gives plain cross-entropy).
+        per_example: Average over each example's answer tokens first, then over examples (see the module doc).
 
     Returns:
         (mean loss over answer tokens, {"token_acc", "loc_acc", "loc_abs_err"} for logging).
     """
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
+    token_weights = (1.0 / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(mask)[mask]
     logits = lm_head(hidden_states[:, :-1][mask]).float()  # (N, V)
     targets = targets[mask]
     log_probs = F.log_softmax(logits, dim=-1)
@@ -151,6 +170,8 @@ def answer_loss(
         predicted = logits[is_loc].argmax(-1) - loc_offset
         stats["loc_acc"] = (predicted == loc_index[is_loc]).float().mean().item()
         stats["loc_abs_err"] = (predicted.float() - centre.squeeze(1)).abs().mean().item()
+    if per_example:
+        return (losses * token_weights).sum() / token_weights.sum(), stats
     return losses.mean(), stats
 
 
@@ -192,6 +213,13 @@ class PatchHead(torch.nn.Module):
         return colour + shape + position
 
 
+def autocast_for(device: torch.device, precision: str = "auto") -> Any:
+    """The autocast context of `--precision` on `device` (a no-op for fp32)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def training_step(
     model: LlavaForConditionalGeneration,
     batch: dict[str, torch.Tensor],
@@ -200,11 +228,7 @@ def training_step(
     patch_head: PatchHead | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward one collated batch (already on the model's device) and return the loss."""
-    device = batch["input_ids"].device
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    )
-    with autocast:
+    with autocast_for(batch["input_ids"].device, args.precision):
         outputs = model.model(
             input_ids=batch["input_ids"],
             pixel_values=batch["pixel_values"],
@@ -219,6 +243,7 @@ def training_step(
             loc_offset,
             args.loc_sigma,
             args.loc_soft_weight,
+            args.example_weighting,
         )
     num_images = batch["pixel_values"].shape[0]
     stats["answer_loss"] = loss.item()
@@ -275,12 +300,7 @@ def evaluate(
         ]
         images = [scenes.render(ex.scene) for ex in chunk]
         inputs = processor(images=images, text=texts, padding=True, return_tensors="pt").to(device)
-        autocast = (
-            torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-            if device.type == "cuda"
-            else nullcontext()
-        )
-        with autocast:
+        with autocast_for(device):
             generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
         answers = processor.batch_decode(
             generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=False

@@ -26,7 +26,7 @@ def main() -> None:
         log_config=None,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
     )
     DrainingServer(config, app=app, drain_timeout_s=settings.drain_timeout_s).run()
 

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long queued and running work may take to finish."
     )
+    graceful_shutdown_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="After the drain, how long uvicorn waits for open connections before closing them.",
+    )
     # --- input limits ---
     max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="Largest request body.")
     max_image_pixels: int = Field(

@@ -37,8 +37,6 @@ ENSURE_PROMETHEUS = REPO / "scripts" / "ensure-prometheus.sh"
 
 JOB = "nuwa-serve"
 """Prometheus job label of the service everywhere (compose scrape job, k8s Service name)."""
-UVICORN_GRACEFUL_S = 5
-"""Fallback for uvicorn's graceful-shutdown timeout when service/__main__.py does not name one."""
 WORKER_EXIT_S = 16
 """Worst case of the worker's exit after the drain (service/supervisor.py `_reap`: 10 s + 3 s + 3 s)."""
 
@@ -375,7 +373,6 @@ __all__ = [
     "K8S_OVERLAYS",
     "PROMETHEUS_CONFIG",
     "REPO",
-    "UVICORN_GRACEFUL_S",
     "WORKER_EXIT_S",
     "alert_rules",
     "arg_defaults",
@@ -402,18 +399,10 @@ __all__ = [
     "strategic_merge",
     "substitute_grafana",
     "tool",
-    "uvicorn_graceful_s",
     "validate_settings_env",
 ]
 
 
-def uvicorn_graceful_s() -> float:
-    """uvicorn's graceful-shutdown timeout as service/__main__.py sets it (after the drain, before exit)."""
-    source = (REPO / "service" / "__main__.py").read_text(encoding="utf-8")
-    match = re.search(r"timeout_graceful_shutdown\s*=\s*([0-9.]+)", source)
-    return float(match.group(1)) if match else float(UVICORN_GRACEFUL_S)
-
-
-def shutdown_budget_s(drain_timeout_s: float, pre_stop_s: float = 0.0) -> float:
+def shutdown_budget_s(drain_timeout_s: float, graceful_shutdown_s: float, pre_stop_s: float = 0.0) -> float:
     """Longest clean shutdown: preStop wait + drain + uvicorn graceful shutdown + worker exit."""
-    return pre_stop_s + drain_timeout_s + uvicorn_graceful_s() + WORKER_EXIT_S
+    return pre_stop_s + drain_timeout_s + graceful_shutdown_s + WORKER_EXIT_S

@@ -105,8 +105,9 @@ def test_ports_build_and_shutdown_match_the_image(compose: dict[str, Any], name:
     assert (REPO / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE.resolve()
     assert set(build.get("args", {})) <= set(arg_defaults(instructions(DOCKERFILE)))
     assert service["stop_signal"] == "SIGTERM"
-    drain = float(service_env(service)["NUWA_DRAIN_TIMEOUT_S"])
-    assert seconds(service["stop_grace_period"]) >= shutdown_budget_s(drain)
+    settings = validate_settings_env(service_env(service))
+    budget = shutdown_budget_s(settings.drain_timeout_s, settings.graceful_shutdown_s)
+    assert seconds(service["stop_grace_period"]) >= budget
     assert service["init"] is True
     assert mounts(service)["/models"] == "nuwa-models"
     assert "nuwa-models" in compose["volumes"]

@@ -335,7 +335,9 @@ def test_deployment_matches_the_service(
     # Graceful shutdown: grace >= preStop + drain + uvicorn + worker exit.
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    needed = shutdown_budget_s(settings.drain_timeout_s, pre_stop_s=float(pre_stop[1]))
+    needed = shutdown_budget_s(
+        settings.drain_timeout_s, settings.graceful_shutdown_s, pre_stop_s=float(pre_stop[1])
+    )
     assert pod["terminationGracePeriodSeconds"] >= needed, (pod["terminationGracePeriodSeconds"], needed)
 
     # Non-root, matching the image's user.
