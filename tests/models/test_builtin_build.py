@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForImageTextToText,
@@ -33,6 +34,7 @@ from models.builtin.data import (
 from models.builtin.tokenizer import LOC_TOKENS
 from models.grounding import parse_boxes
 from models.train import STATE_FILE, PatchHead, answer_loss, evaluate, parse_args, train
+from models.training_curve import plot_curves, read_run
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +189,45 @@ def test_soft_location_loss() -> None:
     assert near_loss < far_loss and near_err == 3.0
 
 
+def test_example_weighting_averages_each_example_first() -> None:
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 60, bias=False)
+    hidden = torch.randn(2, 5, 8)
+    # Row 0 has four answer tokens, row 1 has one.
+    labels = torch.tensor(
+        [[IGNORE_INDEX, 3, 4, 5, 6], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 9]]
+    )
+    per_token, _ = answer_loss(hidden, labels, head, 50, sigma=8.0, soft_weight=0.0)
+    per_example, _ = answer_loss(hidden, labels, head, 50, sigma=8.0, soft_weight=0.0, per_example=True)
+    losses = F.cross_entropy(
+        head(hidden[:, :-1]).reshape(-1, 60), labels[:, 1:].reshape(-1), reduction="none"
+    )
+    losses = losses.reshape(2, 4)
+    assert torch.allclose(per_token, losses[0].sum().add(losses[1, 3]) / 5, atol=1e-6)
+    assert torch.allclose(per_example, (losses[0].mean() + losses[1, 3]) / 2, atol=1e-6)
+    assert not torch.allclose(per_token, per_example)
+
+
+def test_training_curve_keeps_the_last_record_of_a_step_and_plots(tmp_path: Path) -> None:
+    first, second = tmp_path / "builtin-single", tmp_path / "builtin-color"
+    for run, stage in ((first, "single"), (second, "color")):
+        run.mkdir()
+        records = [
+            {"type": "train", "step": 25, "stage": stage, "loss": 3.0},
+            {"type": "eval", "step": 25, "stage": stage, "stage/ground_acc": 0.1, "all/vqa_acc": 0.2},
+            {"type": "train", "step": 50, "stage": stage, "loss": 2.0},
+            {"type": "train", "step": 25, "stage": stage, "loss": 1.5},  # resumed after a kill: this one wins
+        ]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    curve = read_run(first)
+    assert curve.stage == "single" and curve.last_step == 50
+    assert curve.train[25]["loss"] == 1.5 and curve.evals[25]["stage/ground_acc"] == 0.1
+    out = tmp_path / "curve.png"
+    plot_curves([curve, read_run(second)], out)
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.width > 500
+
+
 def _train_args(out: Path, *extra: str) -> list[str]:
     return [
         "--out", str(out), "--stage", "single", "--tiny", "--batch-size", "2", "--num-workers", "0",
@@ -261,3 +302,13 @@ def test_patch_head_loss_is_small_for_right_answers() -> None:
         head.loss(features, targets).backward()
         optimizer.step()
     assert head.loss(features, targets).item() < start
+
+
+def test_cpu_bf16_training_with_example_weighting_stays_finite(tmp_path: Path) -> None:
+    out = tmp_path / "bf16"
+    args = _train_args(out, "--steps", "2", "--eval-items", "0", "--precision", "bf16", "--example-weighting")
+    train(parse_args(args))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2] and all(0 < r["loss"] < 50 for r in lines)
+    weights = load_file(out / "checkpoint" / "model.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
