@@ -291,6 +291,23 @@ def test_patch_targets_follow_the_drawn_pixels() -> None:
     assert shares[:3, :3].sum() == pytest.approx(torch.pi / 4 * 9, rel=0.02) and shares[3:].sum() == 0
 
 
+def test_patch_head_object_weight_reweighs_only_object_patches() -> None:
+    torch.manual_seed(0)
+    head = PatchHead(hidden_size=8)
+    targets = torch.from_numpy(patch_targets(scenes.random_scene(random.Random(3), 336, 2)))[None]
+    features = torch.randn(144, 8)
+    out = head.proj(features)[None]
+    colour = -(targets[..., :7] * F.log_softmax(out[..., :7], dim=-1)).sum(-1)
+    shape = -(targets[..., 7:12] * F.log_softmax(out[..., 7:12], dim=-1)).sum(-1)
+    plain = head.loss(features, targets)
+    position = plain - (colour + shape).mean()
+    assert torch.allclose(plain, head.loss(features, targets, object_weight=1.0))
+    weights = 1.0 + 9.0 * (1.0 - targets[..., 0])
+    expected = ((colour + shape) * weights).sum() / weights.sum() + position
+    assert torch.allclose(head.loss(features, targets, object_weight=10.0), expected, atol=1e-5)
+    assert 5.0 < weights.max() <= 10.0 and (weights == 1.0).sum() > 100  # objects cover few patches
+
+
 def test_patch_head_loss_is_small_for_right_answers() -> None:
     head = PatchHead(hidden_size=8)
     targets = torch.from_numpy(patch_targets(scenes.random_scene(random.Random(2), 336, 3)))[None]
