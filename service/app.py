@@ -35,6 +35,7 @@ per-stage latency breakdown. See docs/API.md for the full contract, limits and e
 def create_app(settings: Settings) -> FastAPI:
     """Build the app for `settings`; the worker starts when the app's lifespan starts."""
     metrics = ServiceMetrics()
+    metrics.set_queue_capacity(settings.max_queue_requests, settings.max_queue_visual_tokens)
     configure_pil(settings.max_image_pixels)
 
     @asynccontextmanager

@@ -93,6 +93,16 @@ class ServiceMetrics:
             "Estimated visual tokens of the admitted requests.",
             registry=reg,
         )
+        self.queue_capacity_requests = Gauge(
+            "nuwa_queue_capacity_requests",
+            "Most requests the queue admits (NUWA_MAX_QUEUE_REQUESTS).",
+            registry=reg,
+        )
+        self.queue_capacity_visual_tokens = Gauge(
+            "nuwa_queue_capacity_visual_tokens",
+            "Most estimated visual tokens the queue admits (NUWA_MAX_QUEUE_VISUAL_TOKENS).",
+            registry=reg,
+        )
         self.requests_running = Gauge(
             "nuwa_requests_running", "Requests in the batch the worker is running.", registry=reg
         )
@@ -116,6 +126,12 @@ class ServiceMetrics:
         self.prompt_tokens = Counter(
             "nuwa_prompt_tokens_total", "Prompt tokens before pruning (text + visual).", registry=reg
         )
+
+    def set_queue_capacity(self, requests: int, visual_tokens: int) -> None:
+        """Export the queue limits, once at start-up: the backlog alerts divide the queue depth by them, so they
+        follow whatever limits a deployment sets instead of assuming the defaults."""
+        self.queue_capacity_requests.set(requests)
+        self.queue_capacity_visual_tokens.set(visual_tokens)
 
     def set_queue_depth(self, requests: int, visual_tokens: int) -> None:
         self.queue_depth_requests.set(requests)

@@ -46,6 +46,7 @@ from tests.deploy.support import (
     free_port,
     load_yaml,
     recording_rules,
+    settings_fields,
     split_alert,
     tool,
 )
@@ -443,6 +444,13 @@ def test_metrics_agree_with_what_the_client_saw(prometheus: str, scraped: Traffi
     assert 0 < values(prometheus, "nuwa:request_duration_seconds:p99_5m")[""] < 60
     restarts = values(prometheus, "nuwa:worker_restarts:increase15m", "instance")
     assert list(restarts.values()) == [0.0]
+    # The backlog alerts are relative to the limits the service runs with (NUWA_MAX_QUEUE_REQUESTS=1 here).
+    assert list(values(prometheus, f'nuwa_queue_capacity_requests{{job="{JOB}"}}').values()) == [1.0]
+    default_tokens = settings_fields()["NUWA_MAX_QUEUE_VISUAL_TOKENS"].default
+    assert list(values(prometheus, f'nuwa_queue_capacity_visual_tokens{{job="{JOB}"}}').values()) == [
+        default_tokens
+    ]
+    assert 0 <= values(prometheus, "nuwa:queue_fill_requests:ratio_avg5m")[""] <= 1
 
 
 def test_scrape_config_in_repo_matches_the_one_used_here() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import httpx
 
+from service.app import create_app
+from service.settings import Settings
 from tests.service.conftest import ServerProcess
 from tests.service.helpers import assert_error, ground, metric, red_circle_png, scrape
 
@@ -18,6 +20,8 @@ REQUIRED = [
     "nuwa_batch_size",
     "nuwa_queue_depth_requests",
     "nuwa_queue_depth_visual_tokens",
+    "nuwa_queue_capacity_requests",
+    "nuwa_queue_capacity_visual_tokens",
     "nuwa_rejections_total",
     "nuwa_worker_restarts_total",
     "nuwa_generated_tokens_total",
@@ -57,6 +61,21 @@ def test_metrics_are_exposed_and_move_with_traffic(client: httpx.Client) -> None
     assert metric(after, "nuwa_worker_ready") == 1
     assert metric(after, "nuwa_queue_depth_requests") == 0
     assert metric(after, "nuwa_queue_depth_visual_tokens") == 0
+
+
+def test_queue_capacity_is_the_configured_limit(client: httpx.Client, server: ServerProcess) -> None:
+    """The backlog alerts divide the queue depth by these gauges, so they must carry the server's own limits."""
+    env = {key[len("NUWA_") :].lower(): val for key, val in server.env.items() if key.startswith("NUWA_")}
+    configured = Settings.model_validate(env)
+    samples = scrape(client)
+    assert metric(samples, "nuwa_queue_capacity_requests") == configured.max_queue_requests
+    assert metric(samples, "nuwa_queue_capacity_visual_tokens") == configured.max_queue_visual_tokens
+
+
+def test_queue_capacity_follows_non_default_limits() -> None:
+    metrics = create_app(Settings(max_queue_requests=16, max_queue_visual_tokens=8192)).state.metrics
+    assert metrics.registry.get_sample_value("nuwa_queue_capacity_requests") == 16
+    assert metrics.registry.get_sample_value("nuwa_queue_capacity_visual_tokens") == 8192
 
 
 def test_one_json_log_line_per_request(client: httpx.Client, server: ServerProcess) -> None:
