@@ -56,6 +56,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     ProcessorMixin,
 )
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from models import scenes
 from models.builtin.build import TINY_OVERRIDES, build_builtin
@@ -102,6 +103,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="PatchHead weight of object patches relative to background ones (1: plain mean)",
+    )
+    parser.add_argument(
+        "--attn-weight",
+        type=float,
+        default=0.0,
+        help="weight of the AttentionProbe loss (one mid-LLM head looks at the grounding target; 0: off)",
     )
     parser.add_argument("--loc-sigma", type=float, default=8.0, help="Gaussian width in location bins")
     parser.add_argument("--loc-soft-weight", type=float, default=0.5, help="share of the soft loc target")
@@ -229,6 +236,76 @@ class PatchHead(torch.nn.Module):
         return ((colour + shape) * weights).mean() + position
 
 
+class AttentionProbe:
+    """Training-only loss that teaches one LLM attention head to look at the grounding target.
+
+    Measured: after stage ``single`` the LLM attends sharply to the only object (it reads its colour with 94%
+    accuracy), but on 2-5 objects it has no reason yet to prefer the named one, and the location error stayed at
+    ~250 of 1000 bins (an arbitrary object) for 700 steps of stage ``color_shape``. This loss gives the
+    phrase-to-object match a direct gradient: at the position that predicts the first answer token, head `head`
+    of layer `layer` should put its attention over the visual tokens where the target's box is (cross-entropy
+    against `data.box_patch_shares`, normalised). Only grounding rows count. It changes nothing at inference:
+    no parameters are added and the hook only records the layer's inputs.
+
+    Args:
+        model: The LLaVA model being trained.
+        layer: Decoder layer index (default: the middle one).
+        head: Query head index within that layer.
+    """
+
+    def __init__(self, model: LlavaForConditionalGeneration, layer: int | None = None, head: int = 0) -> None:
+        layers = model.model.language_model.layers
+        self.layer = len(layers) // 2 if layer is None else layer
+        self.head = head
+        self.attention = layers[self.layer].self_attn
+        self._inputs: dict[str, Any] = {}
+        self._handle = self.attention.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, _module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._inputs = {
+            "hidden_states": kwargs.get("hidden_states", args[0] if args else None),
+            "position_embeddings": kwargs.get("position_embeddings"),
+        }
+
+    def loss(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, image_token_id: int
+    ) -> torch.Tensor | None:
+        """Mean cross-entropy over grounding rows, or None when the batch has none.
+
+        Args:
+            input_ids: `(B, L)` ids of the batch (visual tokens are `image_token_id`).
+            labels: `(B, L)` labels; the first non-ignored one is the first answer token.
+            targets: `(B, 144)` box shares of the target per visual token (zeros for questions).
+            image_token_id: Id of the `<image>` placeholder.
+        """
+        rows = targets.sum(-1) > 0
+        if not rows.any() or self._inputs.get("hidden_states") is None:
+            return None
+        hidden = self._inputs["hidden_states"][rows]
+        cos, sin = (
+            t[rows] if t.shape[0] == rows.shape[0] else t for t in self._inputs["position_embeddings"]
+        )
+        attention = self.attention
+        head_dim = attention.head_dim
+        batch, length, _ = hidden.shape
+        query = attention.q_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+        key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        kv_head = self.head // attention.num_key_value_groups
+        answer_start = (labels[rows] != IGNORE_INDEX).float().argmax(
+            -1
+        ) - 1  # predicts the first answer token
+        picked = query[torch.arange(batch), self.head, answer_start]  # (b, head_dim)
+        image_positions = input_ids[rows] == image_token_id  # (b, L), 144 per row
+        keys = key[:, kv_head][image_positions].view(batch, -1, head_dim)  # (b, 144, head_dim)
+        logits = torch.einsum("bd,bnd->bn", picked.float(), keys.float()) * attention.scaling
+        wanted = targets[rows] / targets[rows].sum(-1, keepdim=True)
+        return -(wanted * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 def autocast_for(device: torch.device, precision: str = "auto") -> Any:
     """The autocast context of `--precision` on `device` (a no-op for fp32)."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
@@ -242,6 +319,7 @@ def training_step(
     args: argparse.Namespace,
     loc_offset: int,
     patch_head: PatchHead | None = None,
+    attention_probe: AttentionProbe | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward one collated batch (already on the model's device) and return the loss."""
     with autocast_for(batch["input_ids"].device, args.precision):
@@ -267,6 +345,14 @@ def training_step(
         aux = patch_head.loss(outputs.image_hidden_states, batch["patch_targets"], args.aux_object_weight)
         stats["aux_loss"] = aux.item()
         loss = loss + args.aux_weight * aux
+    if attention_probe is not None and args.attn_weight > 0:
+        with autocast_for(batch["input_ids"].device, args.precision):
+            attn = attention_probe.loss(
+                batch["input_ids"], batch["labels"], batch["target_patches"], model.config.image_token_id
+            )
+        if attn is not None:
+            stats["attn_loss"] = attn.item()
+            loss = loss + args.attn_weight * attn
     stats["image_token_spread"] = image_token_spread(outputs.image_hidden_states, num_images)
     return loss, stats
 
@@ -453,6 +539,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     loc_offset = int(processor.tokenizer.convert_tokens_to_ids("<loc_0>"))
 
     patch_head = PatchHead(model.config.text_config.hidden_size).to(device)
+    attention_probe = AttentionProbe(model) if args.attn_weight > 0 else None
     param_groups = _param_groups(model, args.lr, args.weight_decay, args.vision_lr_scale)
     param_groups.append({"params": list(patch_head.parameters()), "lr": args.lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(
@@ -517,7 +604,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         fetch_start = time.monotonic()
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         data_wait += time.monotonic() - fetch_start
-        loss, stats = training_step(model, batch, args, loc_offset, patch_head)
+        loss, stats = training_step(model, batch, args, loc_offset, patch_head, attention_probe)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -216,7 +216,7 @@ def collate(examples: list[Example], table: TokenTable) -> dict[str, torch.Tenso
     Returns:
         pixel_values `torch.FloatTensor` (B, 3, 336, 336); input_ids, labels `torch.LongTensor` (B, L);
         attention_mask `torch.LongTensor` (B, L); patch_targets `torch.FloatTensor` (B, 144, 12), see
-        `patch_targets`.
+        `patch_targets`; target_patches `torch.FloatTensor` (B, 144), see `box_patch_shares` (zeros for questions).
     """
     sequences, label_rows = [], []
     for example in examples:
@@ -234,13 +234,36 @@ def collate(examples: list[Example], table: TokenTable) -> dict[str, torch.Tenso
     arrays = [scenes.render_array(example.scene) for example in examples]
     pixels = np.stack([normalise(_to_input_size(a)) for a in arrays])
     patches = np.stack([patch_targets(example.scene, a) for example, a in zip(examples, arrays, strict=True)])
+    boxes = np.stack([box_patch_shares(example.box, example.scene.size) for example in examples])
     return {
         "pixel_values": torch.from_numpy(pixels),
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "patch_targets": torch.from_numpy(patches),
+        "target_patches": torch.from_numpy(boxes),
     }
+
+
+def box_patch_shares(box: tuple[int, int, int, int] | None, size: int) -> np.ndarray:
+    """Share of each of the 12x12 patches that a grounding target's box covers (zeros when there is no box).
+
+    The target of the attention loss in `models/train.py`: where the model should look to answer.
+
+    Args:
+        box: Target box [x1, y1, x2, y2] in scene pixels (x2, y2 exclusive), or None for a question.
+        size: Scene side in pixels (the patch grid spans the whole scene whatever its size).
+
+    Returns:
+        `float32` array of shape (144,), row-major like the visual tokens, each value in [0, 1].
+    """
+    if box is None:
+        return np.zeros(GRID_SIDE * GRID_SIDE, dtype=np.float32)
+    edges = np.arange(GRID_SIDE + 1) * (size / GRID_SIDE)
+    x1, y1, x2, y2 = box
+    cover_x = np.clip(np.minimum(edges[1:], x2) - np.maximum(edges[:-1], x1), 0, None) / (size / GRID_SIDE)
+    cover_y = np.clip(np.minimum(edges[1:], y2) - np.maximum(edges[:-1], y1), 0, None) / (size / GRID_SIDE)
+    return np.outer(cover_y, cover_x).ravel().astype(np.float32)
 
 
 def patch_targets(scene: scenes.Scene, array: np.ndarray | None = None) -> np.ndarray:
@@ -356,6 +379,7 @@ __all__ = [
     "Example",
     "SceneBatches",
     "TokenTable",
+    "box_patch_shares",
     "collate",
     "image_array",
     "PATCH_TARGET_DIM",

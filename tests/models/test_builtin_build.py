@@ -25,6 +25,7 @@ from models.builtin.data import (
     PATCH_TARGET_DIM,
     SceneBatches,
     TokenTable,
+    box_patch_shares,
     collate,
     patch_targets,
     phrase_kind,
@@ -33,7 +34,7 @@ from models.builtin.data import (
 )
 from models.builtin.tokenizer import LOC_TOKENS
 from models.grounding import parse_boxes
-from models.train import STATE_FILE, PatchHead, answer_loss, evaluate, parse_args, train
+from models.train import STATE_FILE, AttentionProbe, PatchHead, answer_loss, evaluate, parse_args, train
 from models.training_curve import plot_curves, read_run
 
 
@@ -291,6 +292,49 @@ def test_patch_targets_follow_the_drawn_pixels() -> None:
     assert shares[:3, :3].sum() == pytest.approx(torch.pi / 4 * 9, rel=0.02) and shares[3:].sum() == 0
 
 
+def test_box_patch_shares_cover_the_box() -> None:
+    shares = box_patch_shares((28, 56, 84, 112), 336).reshape(12, 12)  # exactly rows 2-3, columns 1-2
+    assert shares.sum() == 4.0 and shares[2:4, 1:3].min() == 1.0
+    half = box_patch_shares((0, 0, 14, 28), 336).reshape(12, 12)  # half of the first patch
+    assert half[0, 0] == pytest.approx(0.5) and half.sum() == pytest.approx(0.5)
+    scaled = box_patch_shares((0, 0, 112, 112), 448).reshape(12, 12)  # 448 px: 3 x 3 patches of 37.3 px
+    assert scaled[:3, :3].min() == pytest.approx(1.0) and scaled.sum() == pytest.approx(9.0)
+    assert not box_patch_shares(None, 336).any()
+
+
+def test_attention_probe_equals_the_eager_attention_of_its_head(processor: LlavaProcessor) -> None:
+    torch.manual_seed(0)
+    model, _ = build_builtin(None, TINY_OVERRIDES, seed=0)
+    model.set_attn_implementation("eager")
+    probe = AttentionProbe(model, head=1)
+    batch = SceneBatches(
+        processor.tokenizer, "color_shape", batch_size=6, seed=5, grounding_fraction=0.5
+    ).batch(0)
+    grounding = (batch["target_patches"].sum(-1) > 0).nonzero().squeeze(1).tolist()
+    assert 0 < len(grounding) < 6  # questions are skipped, not zeroed in
+    with torch.no_grad():
+        out = model.model(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=batch["attention_mask"],
+            output_attentions=True,
+        )
+        loss = probe.loss(
+            batch["input_ids"], batch["labels"], batch["target_patches"], model.config.image_token_id
+        )
+    expected = []
+    for row in grounding:
+        start = int((batch["labels"][row] != IGNORE_INDEX).float().argmax()) - 1
+        weights = out.attentions[probe.layer][row, 1, start][
+            batch["input_ids"][row] == model.config.image_token_id
+        ]
+        wanted = batch["target_patches"][row] / batch["target_patches"][row].sum()
+        expected.append(-(wanted * (weights / weights.sum()).log()).sum())
+    assert probe.layer == len(model.model.language_model.layers) // 2
+    assert torch.allclose(loss, torch.stack(expected).mean(), rtol=1e-4)
+    probe.remove()
+
+
 def test_patch_head_object_weight_reweighs_only_object_patches() -> None:
     torch.manual_seed(0)
     head = PatchHead(hidden_size=8)
@@ -321,11 +365,23 @@ def test_patch_head_loss_is_small_for_right_answers() -> None:
     assert head.loss(features, targets).item() < start
 
 
-def test_cpu_bf16_training_with_example_weighting_stays_finite(tmp_path: Path) -> None:
+def test_cpu_bf16_training_with_example_weighting_and_attention_loss_stays_finite(tmp_path: Path) -> None:
     out = tmp_path / "bf16"
-    args = _train_args(out, "--steps", "2", "--eval-items", "0", "--precision", "bf16", "--example-weighting")
+    args = _train_args(
+        out,
+        "--steps",
+        "2",
+        "--eval-items",
+        "0",
+        "--precision",
+        "bf16",
+        "--example-weighting",
+        "--attn-weight",
+        "0.1",
+    )
     train(parse_args(args))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2] and all(0 < r["loss"] < 50 for r in lines)
+    assert any(r.get("attn_loss", 0) > 0 for r in lines)
     weights = load_file(out / "checkpoint" / "model.safetensors")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
