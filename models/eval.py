@@ -11,6 +11,7 @@ Nüwa keeps both. For every (method, budget) the study reports:
 Usage:
     python -m models.eval                       # built-in model, contract scenes (1000 + 1000 items at S = 336)
     python -m models.eval --limit 100           # quick run
+    python -m models.eval --stage single --out docs/RETENTION_SINGLE.md   # one-object held-out scenes
     python -m models.eval --model DIR --data items.jsonl   # a local Qwen2.5-VL / LLaVA-1.5 checkpoint, your items
 
 `--data` is JSON Lines, one item per line, image paths relative to the file:
@@ -102,6 +103,26 @@ def scene_items(limit: int | None = None) -> list[EvalItem]:
         for item in grounding
     ]
     items += [EvalItem("vqa", scenes.render(item.scene), item.question, answer=item.answer) for item in vqa]
+    return items
+
+
+def stage_items(stage: str, limit: int | None = None) -> list[EvalItem]:
+    """Held-out items of one training-curriculum stage (`models.builtin.data.STAGES`), grounding items first.
+
+    ``single`` (one object per scene) measures pruning where a partly trained built-in model already grounds:
+    on the evaluation set's 1-5 objects a model that cannot yet tell objects apart scores near zero unpruned,
+    and retention is then noise.
+    """
+    from models.builtin.data import stage_eval_examples
+
+    count = limit if limit is not None else 1000
+    items = []
+    for example in stage_eval_examples(stage, 2 * count):
+        image = scenes.render(example.scene)
+        if example.box is not None:
+            items.append(EvalItem("ground", image, str(example.phrase), box=tuple(map(float, example.box))))
+        else:
+            items.append(EvalItem("vqa", image, example.prompt, answer=example.answer))
     return items
 
 
@@ -306,6 +327,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", default="builtin", help="builtin or a local checkpoint directory")
     parser.add_argument("--data", type=Path, default=None, help="JSON Lines items (see module docstring)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many items of each kind")
+    parser.add_argument(
+        "--stage",
+        default=None,
+        choices=("single", "color", "color_shape", "all"),
+        help="held-out items of this training stage instead of the evaluation set (built-in model)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budgets", nargs="+", type=float, default=list(DEFAULT_BUDGETS))
     parser.add_argument("--batch-size", type=int, default=16)
@@ -326,7 +353,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     runner = load_adapter(args.model, device=args.device)
-    items = jsonl_items(args.data, args.limit) if args.data else scene_items(args.limit)
+    if args.data:
+        items = jsonl_items(args.data, args.limit)
+    elif args.stage:
+        items = stage_items(args.stage, args.limit)
+    else:
+        items = scene_items(args.limit)
     configs = list(configurations(args.methods, args.budgets))
     scores = []
     with tqdm(total=len(items) * len(configs), unit="item", desc="retention") as progress:

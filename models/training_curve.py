@@ -53,7 +53,7 @@ def read_run(run_dir: Path) -> StageCurve:
 
 def plot_curves(curves: Sequence[StageCurve], out: Path) -> None:
     """Loss (top) and held-out accuracies (bottom) against the cumulative step, one shaded band per stage."""
-    fig, (loss_ax, acc_ax) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    fig, (loss_ax, acc_ax) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True)
     offset = 0
     for index, curve in enumerate(curves):
         if index % 2:
@@ -79,12 +79,12 @@ def plot_curves(curves: Sequence[StageCurve], out: Path) -> None:
         offset += curve.last_step
     for target, colour in ((0.90, "tab:blue"), (0.95, "tab:orange")):
         acc_ax.axhline(target, color=colour, lw=0.6, ls="--")
-    loss_ax.set_ylabel("training loss")
+    loss_ax.set_ylabel("training loss (answer + auxiliary)")
     loss_ax.set_yscale("log")
     acc_ax.set_ylabel("accuracy (unpruned)")
     acc_ax.set_ylim(0, 1.08)
     acc_ax.set_xlabel("optimizer step (stages end to end, batch 16)")
-    acc_ax.legend(loc="center right", fontsize=8)
+    acc_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=8)
     fig.suptitle("nuwa-tiny-llava training curve (dashed: targets 0.90 grounding, 0.95 VQA)")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

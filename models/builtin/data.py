@@ -62,6 +62,7 @@ class Example:
         answer: Target text: a word, or four location tokens for grounding.
         kind: "ground/<phrase kind>" or "vqa/<question kind>", for per-kind metrics.
         box: Target box in scene pixels for grounding, else None.
+        phrase: The referring expression for grounding ("the red circle"), else None.
     """
 
     scene: scenes.Scene
@@ -69,6 +70,7 @@ class Example:
     answer: str
     kind: str
     box: tuple[int, int, int, int] | None = None
+    phrase: str | None = None
 
 
 def phrase_kind(phrase: str) -> str:
@@ -86,7 +88,7 @@ def phrase_kind(phrase: str) -> str:
 def _grounding_example(scene: scenes.Scene, phrase: str, target: int, kind: str) -> Example:
     box = scene.objects[target].box
     answer = "".join(f"<loc_{quantize(v, scene.size)}>" for v in box)
-    return Example(scene, grounding_prompt(phrase, "loc_tokens"), answer, f"ground/{kind}", box)
+    return Example(scene, grounding_prompt(phrase, "loc_tokens"), answer, f"ground/{kind}", box, phrase)
 
 
 def _vqa_example(item: scenes.VQAItem) -> Example:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,3 +79,17 @@ def test_verdict_reads_the_numbers():
     assert "does NOT show" in retention.verdict(
         [reference, fastv, retention.Score("nuwa", "nuwa", 0.25, 0, 10, 9, 10)]
     )
+
+
+def test_stage_items_are_held_out_one_object_scenes() -> None:
+    items = retention.stage_items("single", 4)
+    assert [item.kind for item in items] == ["ground"] * 4 + ["vqa"] * 4
+    for item in items[:4]:
+        words = item.text.split()
+        assert words[0] == "the" and words[1] in scenes.COLORS and words[2] in scenes.SHAPES
+        x1, y1, x2, y2 = item.box
+        assert 0 <= x1 < x2 <= item.image.width and 0 <= y1 < y2 <= item.image.height
+        pixels = np.asarray(item.image)[int(y1) : int(y2), int(x1) : int(x2)].reshape(-1, 3)
+        assert (pixels == scenes.COLORS[words[1]]).all(axis=1).any()  # the named colour is inside the box
+    assert all(item.answer in {*scenes.COLORS, *scenes.SHAPES} for item in items[4:])
+    assert retention.stage_items("single", 4)[0].box == items[0].box  # seeded: the same items every time

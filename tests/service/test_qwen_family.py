@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
-from tests.service.conftest import REPO, ServerProcess, start_server
+from service.launcher import REPO
+from tests.service.conftest import ServerProcess, start_server
 from tests.service.helpers import ground, metric, scrape
 from tests.service.images import encode
 
