@@ -28,7 +28,8 @@ from typing import Any
 import httpx
 
 from bench.loadgen import LoadResult, Record, closed_loop, open_loop, run, scene_payloads
-from bench.server import Service, default_model_dir, start_service
+from bench.server import default_model_dir, start_service
+from service.launcher import ServiceProcess
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ async def _wait_readiness(url: str, ready: bool, since: float, timeout_s: float)
     return None
 
 
-def capacity_of(service: Service) -> float:
+def capacity_of(service: ServiceProcess) -> float:
     result = run(lambda: closed_loop(service.base_url, scene_payloads(8), 16, 10.0, 1000, 60.0))
     return float(result.summary()["throughput_rps"])
 

@@ -127,16 +127,7 @@ def timed_generate(
         generated = outputs.logits[:, -1].argmax(dim=-1)[:, None]
         start = clock.add("prefill", start)
         for _ in range(new_tokens - 1):
-            mask = torch.cat([llm.attention_mask, torch.ones_like(generated)], dim=1)
-            position = llm.position_ids[..., -1:] + generated.shape[1]
-            outputs = adapter.model(
-                input_ids=generated[:, -1:],
-                attention_mask=mask,
-                position_ids=position,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            outputs = adapter._decode_step(llm, generated, cache)
             generated = torch.cat([generated, outputs.logits[:, -1].argmax(dim=-1)[:, None]], dim=1)
         if new_tokens > 1:
             clock.add("decode", start)

@@ -22,13 +22,9 @@ def default_model_dir() -> Path:
     return launcher.builtin_or_random_model(RANDOM_MODEL_CACHE)
 
 
-Service = ServiceProcess
-"""A running service (see `service.launcher.ServiceProcess`)."""
-
-
-def start_service(model_dir: Path, log_dir: Path, name: str, **settings: str) -> Service:
+def start_service(model_dir: Path, log_dir: Path, name: str, **settings: str) -> ServiceProcess:
     """Start `python -m service` on 127.0.0.1 with NUWA_* settings (names without the prefix), quiet logs."""
     return launcher.start_service(model_dir, log_dir / f"{name}.log", {"log_level": "WARNING", **settings})
 
 
-__all__ = ["REPO", "Service", "default_model_dir", "free_port", "start_service"]
+__all__ = ["REPO", "default_model_dir", "free_port", "start_service"]

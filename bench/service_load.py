@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import LoadResult, closed_loop, open_loop, run, scene_payloads
-from bench.server import Service, default_model_dir, start_service
+from bench.server import default_model_dir, start_service
+from service.launcher import ServiceProcess
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +38,13 @@ DEADLINE_SLACK_S = 0.5
 """An answer may leave the server up to this long after its deadline passed (the 504 itself has to travel)."""
 
 
-def _serve(model_dir: Path, log_dir: Path, name: str, **settings: str) -> Service:
+def _serve(model_dir: Path, log_dir: Path, name: str, **settings: str) -> ServiceProcess:
     service = start_service(model_dir, log_dir, name, **{**BASE_SETTINGS, **settings})
     service.wait_ready()
     return service
 
 
-def _warm(service: Service) -> None:
+def _warm(service: ServiceProcess) -> None:
     """A few requests first, so the first measured ones do not pay for lazy imports and caches."""
     run(lambda: closed_loop(service.base_url, scene_payloads(4), 4, 10.0, 8, 60.0))
 

@@ -339,6 +339,23 @@ class VisionLanguageAdapter(ABC):
         clock.add("prune", start)
         return llm_inputs
 
+    def _decode_step(self, llm: LLMInputs, generated: torch.Tensor, cache: DynamicCache) -> Any:
+        """One cached decoding step: feed the newest token of `generated` after the prompt and the tokens before it.
+
+        Its position continues from the prompt's last ORIGINAL position id (not the pruned length), so decoding
+        sees the same positions as the unpruned model would.
+        """
+        mask = torch.cat([llm.attention_mask, torch.ones_like(generated)], dim=1)
+        position = llm.position_ids[..., -1:] + generated.shape[1]
+        return self.model(
+            input_ids=generated[:, -1:],
+            attention_mask=mask,
+            position_ids=position,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+
     def _llm_call(
         self,
         llm: LLMInputs,
@@ -416,16 +433,7 @@ class VisionLanguageAdapter(ABC):
                     if cache is None:
                         self.controller.finish()
                 else:
-                    mask = torch.cat([llm.attention_mask, torch.ones_like(generated)], dim=1)
-                    position = llm.position_ids[..., -1:] + generated.shape[1]
-                    outputs = self.model(
-                        input_ids=generated[:, -1:],
-                        attention_mask=mask,
-                        position_ids=position,
-                        past_key_values=cache,
-                        use_cache=True,
-                        logits_to_keep=1,
-                    )
+                    outputs = self._decode_step(llm, generated, cache)
                 next_tokens = outputs.logits[:, -1].argmax(dim=-1)
                 generated = torch.cat([generated, next_tokens[:, None]], dim=1)
                 for b in range(batch_size):

@@ -162,7 +162,6 @@ def answer_loss(
     """
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    token_weights = (1.0 / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(mask)[mask]
     logits = lm_head(hidden_states[:, :-1][mask]).float()  # (N, V)
     targets = targets[mask]
     log_probs = F.log_softmax(logits, dim=-1)
@@ -184,6 +183,7 @@ def answer_loss(
         stats["loc_acc"] = (predicted == loc_index[is_loc]).float().mean().item()
         stats["loc_abs_err"] = (predicted.float() - centre.squeeze(1)).abs().mean().item()
     if per_example:
+        token_weights = (1.0 / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(mask)[mask]
         return (losses * token_weights).sum() / token_weights.sum(), stats
     return losses.mean(), stats
 
