@@ -38,13 +38,21 @@ class StageCurve:
         return max([*self.train, *self.evals], default=0)
 
 
-def read_run(run_dir: Path) -> StageCurve:
-    """Parse `run_dir/metrics.jsonl` into one `StageCurve`."""
+def read_run(run_dir: Path, last_step: int | None = None) -> StageCurve:
+    """Parse `run_dir/metrics.jsonl` into one `StageCurve`.
+
+    Args:
+        run_dir: The run directory.
+        last_step: Drop records after this step: the step whose checkpoint the next stage started from, when the
+            run logged a few steps more before it was stopped.
+    """
     curve = StageCurve(stage=run_dir.name)
     for line in (run_dir / METRICS_FILE).read_text().splitlines():
         if not line.strip():
             continue
         record = json.loads(line)
+        if last_step is not None and int(record["step"]) > last_step:
+            continue
         curve.stage = record.get("stage", curve.stage)
         target = curve.evals if record.get("type") == "eval" else curve.train
         target[int(record["step"])] = record
@@ -92,12 +100,24 @@ def plot_curves(curves: Sequence[StageCurve], out: Path) -> None:
     plt.close(fig)
 
 
+def _split_run(text: str) -> tuple[Path, int | None]:
+    """ "DIR" or "DIR:STEP" -> (DIR, STEP or None)."""
+    head, _, tail = text.rpartition(":")
+    if head and tail.isdigit():
+        return Path(head), int(tail)
+    return Path(text), None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories in curriculum order")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        help="run directories in curriculum order, each optionally DIR:STEP to end it at the step the next began from",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/model_training.png"))
     args = parser.parse_args(argv)
-    plot_curves([read_run(run) for run in args.runs], args.out)
+    plot_curves([read_run(*_split_run(run)) for run in args.runs], args.out)
     print(args.out)  # noqa: T201  (CLI output)
 
 

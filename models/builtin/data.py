@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -48,6 +49,13 @@ _COLOR_INDEX = {name: index for index, name in enumerate(scenes.COLORS)}
 _SHAPE_INDEX = {name: index for index, name in enumerate(scenes.SHAPES)}
 PATCH_TARGET_DIM = 12
 """Per visual token: 7 colour shares (background first) + 5 shape shares (background first)."""
+PROMPT_ATTRIBUTE_CLASSES: tuple[int, ...] = (
+    len(scenes.COLORS) + 1,
+    len(scenes.SHAPES) + 1,
+    len(scenes.EXTREMES) + 1,
+)
+"""Classes per prompt attribute (colour, shape, extreme), each with 0 = "not named in the prompt"."""
+_WORD = re.compile(r"[a-z]+")
 _MEAN = np.asarray(CLIP_MEAN, dtype=np.float32) * 255.0
 _INV_STD = 1.0 / (np.asarray(CLIP_STD, dtype=np.float32) * 255.0)
 
@@ -212,13 +220,27 @@ class TokenTable:
         return [*self.encode(f" {answer}"), self.eos_id]
 
 
+def prompt_attributes(prompt: str) -> tuple[int, int, int]:
+    """Which colour, shape and extreme the prompt names (1-based indices; 0 when it names none).
+
+    The target of the phrase loss in `models/train.py`. "How many circles are there?" names "circle".
+    """
+    words = _WORD.findall(prompt.lower())
+    stems = [word[:-1] if word.endswith("s") and word[:-1] in _SHAPE_INDEX else word for word in words]
+    colour = next((_COLOR_INDEX[w] + 1 for w in stems if w in _COLOR_INDEX), 0)
+    shape = next((_SHAPE_INDEX[w] + 1 for w in stems if w in _SHAPE_INDEX), 0)
+    extreme = next((scenes.EXTREMES.index(w) + 1 for w in stems if w in scenes.EXTREMES), 0)
+    return colour, shape, extreme
+
+
 def collate(examples: list[Example], table: TokenTable) -> dict[str, torch.Tensor]:
     """Batch examples for training: right padding, labels only on answer tokens and `</s>`.
 
     Returns:
         pixel_values `torch.FloatTensor` (B, 3, 336, 336); input_ids, labels `torch.LongTensor` (B, L);
         attention_mask `torch.LongTensor` (B, L); patch_targets `torch.FloatTensor` (B, 144, 12), see
-        `patch_targets`; target_patches `torch.FloatTensor` (B, 144), see `box_patch_shares` (zeros for questions).
+        `patch_targets`; target_patches `torch.FloatTensor` (B, 144), see `box_patch_shares` (zeros for questions);
+        prompt_attributes `torch.LongTensor` (B, 3), see `prompt_attributes`.
     """
     sequences, label_rows = [], []
     for example in examples:
@@ -244,6 +266,7 @@ def collate(examples: list[Example], table: TokenTable) -> dict[str, torch.Tenso
         "labels": labels,
         "patch_targets": torch.from_numpy(patches),
         "target_patches": torch.from_numpy(boxes),
+        "prompt_attributes": torch.tensor([prompt_attributes(example.prompt) for example in examples]),
     }
 
 

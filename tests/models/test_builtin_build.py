@@ -29,12 +29,24 @@ from models.builtin.data import (
     collate,
     patch_targets,
     phrase_kind,
+    prompt_attributes,
     sample_example,
     stage_eval_examples,
 )
 from models.builtin.tokenizer import LOC_TOKENS
 from models.grounding import parse_boxes
-from models.train import STATE_FILE, AttentionProbe, PatchHead, answer_loss, evaluate, parse_args, train
+from models.train import (
+    STATE_FILE,
+    AttentionProbe,
+    PatchHead,
+    PhraseHead,
+    answer_loss,
+    evaluate,
+    parse_args,
+    rescale_image_tokens,
+    train,
+)
+from models.training_curve import main as main_curve
 from models.training_curve import plot_curves, read_run
 
 
@@ -223,8 +235,11 @@ def test_training_curve_keeps_the_last_record_of_a_step_and_plots(tmp_path: Path
     curve = read_run(first)
     assert curve.stage == "single" and curve.last_step == 50
     assert curve.train[25]["loss"] == 1.5 and curve.evals[25]["stage/ground_acc"] == 0.1
+    assert read_run(first, last_step=25).last_step == 25
     out = tmp_path / "curve.png"
     plot_curves([curve, read_run(second)], out)
+    main_curve([f"{first}:25", str(second), "--out", str(tmp_path / "cli.png")])
+    assert (tmp_path / "cli.png").stat().st_size > 1000
     with Image.open(out) as image:
         assert image.format == "PNG" and image.width > 500
 
@@ -385,3 +400,92 @@ def test_cpu_bf16_training_with_example_weighting_and_attention_loss_stays_finit
     assert any(r.get("attn_loss", 0) > 0 for r in lines)
     weights = load_file(out / "checkpoint" / "model.safetensors")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        (
+            "Locate the red circle.",
+            (1 + list(scenes.COLORS).index("red"), 1 + scenes.SHAPES.index("circle"), 0),
+        ),
+        ("Locate the purple object.", (1 + list(scenes.COLORS).index("purple"), 0, 0)),
+        (
+            "Locate the leftmost diamond.",
+            (0, 1 + scenes.SHAPES.index("diamond"), 1 + scenes.EXTREMES.index("leftmost")),
+        ),
+        ("How many squares are there?", (0, 1 + scenes.SHAPES.index("square"), 0)),
+        (
+            "Is there a yellow triangle?",
+            (1 + list(scenes.COLORS).index("yellow"), 1 + scenes.SHAPES.index("triangle"), 0),
+        ),
+        ("Describe the scene.", (0, 0, 0)),
+    ],
+)
+def test_prompt_attributes_name_what_the_prompt_names(prompt: str, expected: tuple[int, int, int]) -> None:
+    assert prompt_attributes(prompt) == expected
+
+
+def test_collate_carries_prompt_attributes(processor: LlavaProcessor) -> None:
+    examples = [sample_example(random.Random(seed), "color_shape", 336, 1.0) for seed in range(4)]
+    batch = collate(examples, TokenTable(processor.tokenizer))
+    assert batch["prompt_attributes"].tolist() == [list(prompt_attributes(ex.prompt)) for ex in examples]
+    assert all(row[0] > 0 or row[1] > 0 for row in batch["prompt_attributes"].tolist())
+
+
+def test_phrase_head_reads_the_answer_position_and_learns_it() -> None:
+    """Only the residual at the position before the first label counts; a head fits a signal placed there."""
+    torch.manual_seed(0)
+    batch, length, hidden_size, layer = 12, 7, 16, 1
+    labels = torch.full((batch, length), IGNORE_INDEX)
+    starts = torch.randint(2, length - 1, (batch,))
+    labels[torch.arange(batch), starts + 1] = 5  # first answer token at start + 1, predicted from `start`
+    attributes = torch.stack([torch.randint(0, n, (batch,)) for n in (7, 5, 5)], dim=1)
+    hidden = torch.randn(batch, length, hidden_size)
+    hidden[torch.arange(batch), starts, :7] += 4 * F.one_hot(attributes[:, 0], 7)
+    hidden[torch.arange(batch), starts, 7:12] += 4 * F.one_hot(attributes[:, 1], 5)
+    hidden[torch.arange(batch), starts, 12:] += 4 * F.one_hot(attributes[:, 2], 5)[:, :4]
+    states = [torch.randn_like(hidden), hidden]  # layer 0 is noise; layer 1 carries the attributes
+    head = PhraseHead(hidden_size, layer)
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss, _ = head.loss(states, labels, attributes)
+        loss.backward()
+        optimizer.step()
+    loss, accuracy = head.loss(states, labels, attributes)
+    assert accuracy == 1.0 and loss.item() < 0.3
+    shifted = labels.roll(1, dims=1)  # the head now reads the wrong position, which holds only noise
+    assert head.loss(states, shifted, attributes)[1] < 0.5
+
+
+def test_training_with_the_phrase_loss_saves_and_resumes_its_head(tmp_path: Path) -> None:
+    out = tmp_path / "phrase"
+    common = ("--eval-items", "0", "--phrase-weight", "1.0", "--stage", "color_shape")
+    train(parse_args([*_train_args(out, "--steps", "3", "--stop-at", "2"), *common]))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["phrase_loss"] < 20 and 0 <= r["phrase_acc"] <= 1 for r in lines)
+    state = torch.load(out / STATE_FILE, weights_only=False)
+    assert state["phrase_head"] is not None and state["step"] == 2
+    train(parse_args([*_train_args(out, "--steps", "3", "--resume"), *common]))
+    assert torch.load(out / STATE_FILE, weights_only=False)["step"] == 3
+    with pytest.raises(ValueError, match="phrase-weight"):
+        train(
+            parse_args(
+                [*_train_args(out, "--steps", "4", "--resume"), "--eval-items", "0", "--stage", "color_shape"]
+            )
+        )
+
+
+def test_rescale_image_tokens_sets_the_mean_norm_and_touches_only_the_projector(
+    processor: LlavaProcessor,
+) -> None:
+    model, _ = build_builtin(None, TINY_OVERRIDES, seed=0)
+    torch.nn.init.normal_(model.model.multi_modal_projector.linear_2.bias)  # zeros at init would stay zeros
+    before_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = SceneBatches(processor.tokenizer, "color_shape", 3, seed=1).batch(0)
+    before, after = rescale_image_tokens(model, batch, 2.5)
+    assert before > 0 and after == pytest.approx(2.5, rel=1e-4)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before_weights[k])}
+    assert {k.split("multi_modal_projector.")[-1] for k in changed} == {"linear_2.weight", "linear_2.bias"}
+    assert len(changed) == 2 and all("multi_modal_projector" in k for k in changed)
