@@ -72,6 +72,24 @@ def capacity_of(service: ServiceProcess) -> float:
     return float(result.summary()["throughput_rps"])
 
 
+def _start_load(
+    base_url: str, rate: float, duration_s: float, seed: int, label: str
+) -> asyncio.Task[LoadResult]:
+    """Open-loop scene requests at `rate` for `duration_s`, as a task, so the scenario can act while it runs."""
+    return asyncio.create_task(
+        open_loop(
+            base_url,
+            scene_payloads(8),
+            rate,
+            duration_s,
+            int(rate * duration_s * 2) + 10,
+            45.0,
+            seed=seed,
+            label=label,
+        )
+    )
+
+
 def worker_kills(model_dir: Path, log_dir: Path, duration_s: float) -> dict[str, Any]:
     service = start_service(model_dir, log_dir, "kills", **SETTINGS)
     service.wait_ready()
@@ -81,18 +99,7 @@ def worker_kills(model_dir: Path, log_dir: Path, duration_s: float) -> dict[str,
         rate = 0.7 * capacity
 
         async def scenario() -> LoadResult:
-            load = asyncio.create_task(
-                open_loop(
-                    service.base_url,
-                    scene_payloads(8),
-                    rate,
-                    duration_s,
-                    int(rate * duration_s * 2) + 10,
-                    45.0,
-                    seed=7,
-                    label="worker kills",
-                )
-            )
+            load = _start_load(service.base_url, rate, duration_s, seed=7, label="worker kills")
             started = time.monotonic()
             for at in (duration_s / 4, duration_s * 2 / 3):
                 await asyncio.sleep(max(0.0, started + at - time.monotonic()))
@@ -143,18 +150,7 @@ def sigterm_during_load(model_dir: Path, log_dir: Path, duration_s: float) -> di
     marks: dict[str, float] = {}
 
     async def scenario() -> LoadResult:
-        load = asyncio.create_task(
-            open_loop(
-                service.base_url,
-                scene_payloads(8),
-                rate,
-                duration_s,
-                int(rate * duration_s * 2) + 10,
-                45.0,
-                seed=11,
-                label="sigterm",
-            )
-        )
+        load = _start_load(service.base_url, rate, duration_s, seed=11, label="sigterm")
         started = time.monotonic()
         await asyncio.sleep(signal_at)
         marks["signal_s"] = time.monotonic() - started

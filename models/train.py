@@ -204,6 +204,11 @@ def answer_loss(
     return losses.mean(), stats
 
 
+def answer_start_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the position whose output predicts the first answer token (the one before the first label)."""
+    return (labels != IGNORE_INDEX).float().argmax(-1) - 1
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens, as `generate()` derives them, so padding side never matters."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -313,7 +318,7 @@ class PhraseHead(torch.nn.Module):
             attributes: `(B, 3)` from `data.prompt_attributes`.
         """
         hidden = hidden_states[self.layer]
-        answer_start = (labels != IGNORE_INDEX).float().argmax(-1) - 1
+        answer_start = answer_start_positions(labels)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), answer_start].float()
         picked = F.layer_norm(picked, picked.shape[-1:])  # the raw residual is large (first loss was 80 nats)
         logits = self.proj(picked).split(PROMPT_ATTRIBUTE_CLASSES, dim=-1)
@@ -378,9 +383,7 @@ class AttentionProbe:
         key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         kv_head = self.head // attention.num_key_value_groups
-        answer_start = (labels[rows] != IGNORE_INDEX).float().argmax(
-            -1
-        ) - 1  # predicts the first answer token
+        answer_start = answer_start_positions(labels[rows])
         picked = query[torch.arange(batch), self.head, answer_start]  # (b, head_dim)
         image_positions = input_ids[rows] == image_token_id  # (b, L), 144 per row
         keys = key[:, kv_head][image_positions].view(batch, -1, head_dim)  # (b, 144, head_dim)
