@@ -45,7 +45,8 @@ STAGES: tuple[str, ...] = ("single", "color", "color_shape", "all")
 IGNORE_INDEX = -100
 _STREAM_STRIDE = 10_000_000  # batch b of seed s draws from training_rng(s * stride + b)
 
-_COLOR_INDEX = {name: index for index, name in enumerate(scenes.COLORS)}
+_COLOR_NAMES = tuple(scenes.COLORS)
+_COLOR_INDEX = {name: index for index, name in enumerate(_COLOR_NAMES)}
 _SHAPE_INDEX = {name: index for index, name in enumerate(scenes.SHAPES)}
 PATCH_TARGET_DIM = 12
 """Per visual token: 7 colour shares (background first) + 5 shape shares (background first)."""
@@ -240,6 +241,7 @@ def collate(examples: list[Example], table: TokenTable) -> dict[str, torch.Tenso
         pixel_values `torch.FloatTensor` (B, 3, 336, 336); input_ids, labels `torch.LongTensor` (B, L);
         attention_mask `torch.LongTensor` (B, L); patch_targets `torch.FloatTensor` (B, 144, 12), see
         `patch_targets`; target_patches `torch.FloatTensor` (B, 144), see `box_patch_shares` (zeros for questions);
+        attention_targets `torch.FloatTensor` (B, 144), see `attention_target_shares` (questions too);
         prompt_attributes `torch.LongTensor` (B, 3), see `prompt_attributes`.
     """
     sequences, label_rows = [], []
@@ -266,6 +268,9 @@ def collate(examples: list[Example], table: TokenTable) -> dict[str, torch.Tenso
         "labels": labels,
         "patch_targets": torch.from_numpy(patches),
         "target_patches": torch.from_numpy(boxes),
+        "attention_targets": torch.from_numpy(
+            np.stack([attention_target_shares(example) for example in examples])
+        ),
         "prompt_attributes": torch.tensor([prompt_attributes(example.prompt) for example in examples]),
     }
 
@@ -289,6 +294,34 @@ def box_patch_shares(box: tuple[int, int, int, int] | None, size: int) -> np.nda
     cover_x = np.clip(np.minimum(edges[1:], x2) - np.maximum(edges[:-1], x1), 0, None) / (size / GRID_SIDE)
     cover_y = np.clip(np.minimum(edges[1:], y2) - np.maximum(edges[:-1], y1), 0, None) / (size / GRID_SIDE)
     return np.outer(cover_y, cover_x).ravel().astype(np.float32)
+
+
+def attention_target_shares(example: Example) -> np.ndarray:
+    """Where the model should look to answer `example`: `box_patch_shares` of every object the prompt is about.
+
+    A grounding item looks at its target box. A question looks at the objects matching the colour and shape it
+    names: "What color is the circle?" at the circle, "How many squares are there?" at every square, "Is there
+    a red circle?" at the red circle when there is one. Zeros when nothing matches ("no" answers, zero
+    counts), so such rows carry no attention target. Measured at stage ``all`` step 1750: the supervised head
+    found the named object in 72% of grounding items, yet the first location token pointed at that object in
+    only half of those, and colour questions (which need the same binding) scored 16-36%.
+
+    Returns:
+        `float32` array of shape (144,), row-major like the visual tokens.
+    """
+    if example.box is not None:
+        return box_patch_shares(example.box, example.scene.size)
+    colour, shape, _ = prompt_attributes(example.prompt)
+    shares = np.zeros(GRID_SIDE * GRID_SIDE, dtype=np.float32)
+    if not colour and not shape:
+        return shares
+    for obj in example.scene.objects:
+        if colour and obj.color != _COLOR_NAMES[colour - 1]:
+            continue
+        if shape and obj.shape != scenes.SHAPES[shape - 1]:
+            continue
+        shares += box_patch_shares(obj.box, example.scene.size)
+    return shares
 
 
 def patch_targets(scene: scenes.Scene, array: np.ndarray | None = None) -> np.ndarray:

@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,10 @@ from models.builtin.build import NUM_IMAGE_TOKENS, TINY_OVERRIDES, build_builtin
 from models.builtin.data import (
     IGNORE_INDEX,
     PATCH_TARGET_DIM,
+    Example,
     SceneBatches,
     TokenTable,
+    attention_target_shares,
     box_patch_shares,
     collate,
     patch_targets,
@@ -317,37 +320,101 @@ def test_box_patch_shares_cover_the_box() -> None:
     assert not box_patch_shares(None, 336).any()
 
 
+@torch.no_grad()
+def _eager_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> object:
+    """The LLaVA body's forward with attention weights (the probe's hooks record its inputs on the way)."""
+    return model.model(
+        input_ids=batch["input_ids"],
+        pixel_values=batch["pixel_values"],
+        attention_mask=batch["attention_mask"],
+        output_attentions=True,
+    )
+
+
 def test_attention_probe_equals_the_eager_attention_of_its_head(processor: LlavaProcessor) -> None:
     torch.manual_seed(0)
     model, _ = build_builtin(None, TINY_OVERRIDES, seed=0)
     model.set_attn_implementation("eager")
-    probe = AttentionProbe(model, head=1)
+    probe = AttentionProbe(model, heads=(1,))
     batch = SceneBatches(
         processor.tokenizer, "color_shape", batch_size=6, seed=5, grounding_fraction=0.5
     ).batch(0)
     grounding = (batch["target_patches"].sum(-1) > 0).nonzero().squeeze(1).tolist()
     assert 0 < len(grounding) < 6  # questions are skipped, not zeroed in
+    out = _eager_forward(model, batch)
     with torch.no_grad():
-        out = model.model(
-            input_ids=batch["input_ids"],
-            pixel_values=batch["pixel_values"],
-            attention_mask=batch["attention_mask"],
-            output_attentions=True,
-        )
         loss = probe.loss(
             batch["input_ids"], batch["labels"], batch["target_patches"], model.config.image_token_id
         )
     expected = []
     for row in grounding:
         start = int((batch["labels"][row] != IGNORE_INDEX).float().argmax()) - 1
-        weights = out.attentions[probe.layer][row, 1, start][
+        weights = out.attentions[probe.layers[0]][row, 1, start][
             batch["input_ids"][row] == model.config.image_token_id
         ]
         wanted = batch["target_patches"][row] / batch["target_patches"][row].sum()
         expected.append(-(wanted * (weights / weights.sum()).log()).sum())
-    assert probe.layer == len(model.model.language_model.layers) // 2
+    assert probe.layers == (len(model.model.language_model.layers) // 2,)
     assert torch.allclose(loss, torch.stack(expected).mean(), rtol=1e-4)
     probe.remove()
+
+
+def test_attention_probe_over_layers_heads_positions_and_questions(processor: LlavaProcessor) -> None:
+    """Several layers, every head, the first 4 answer positions (only those that predict a real label)."""
+    torch.manual_seed(0)
+    model, _ = build_builtin(None, TINY_OVERRIDES, seed=0)
+    model.set_attn_implementation("eager")
+    num_layers = len(model.model.language_model.layers)
+    heads = tuple(range(model.config.text_config.num_attention_heads))
+    probe = AttentionProbe(model, layers=(0, num_layers - 1), heads=heads, positions=4)
+    batch = SceneBatches(processor.tokenizer, "all", batch_size=8, seed=3, grounding_fraction=0.5).batch(0)
+    targets = batch["attention_targets"]
+    questions = [r for r in range(8) if not batch["target_patches"][r].any() and targets[r].any()]
+    assert questions, "some question rows must carry an attention target"
+    out = _eager_forward(model, batch)
+    with torch.no_grad():
+        loss = probe.loss(batch["input_ids"], batch["labels"], targets, model.config.image_token_id)
+    per_position = []
+    for row in (targets.sum(-1) > 0).nonzero().squeeze(1).tolist():
+        labels = batch["labels"][row]
+        start = int((labels != IGNORE_INDEX).float().argmax()) - 1
+        wanted = targets[row] / targets[row].sum()
+        image = batch["input_ids"][row] == model.config.image_token_id
+        for position in range(start, start + 4):
+            if position + 1 >= labels.shape[0] or labels[position + 1] == IGNORE_INDEX:
+                continue
+            values = []
+            for layer in probe.layers:
+                for head in heads:
+                    weights = out.attentions[layer][row, head, position][image]
+                    values.append(-(wanted * (weights / weights.sum()).log()).sum())
+            per_position.append(torch.stack(values).mean())
+    assert len(per_position) > len(questions)  # grounding rows add up to 4 positions each
+    assert torch.allclose(loss, torch.stack(per_position).mean(), rtol=1e-4)
+    probe.remove()
+
+
+def test_attention_targets_of_questions_are_the_named_objects() -> None:
+    scene = scenes.Scene(
+        336,
+        (230, 230, 230),
+        (
+            scenes.SceneObject("red", "circle", (0, 0, 56, 56)),
+            scenes.SceneObject("blue", "circle", (112, 112, 168, 168)),
+            scenes.SceneObject("red", "square", (224, 224, 280, 280)),
+        ),
+    )
+
+    def target(prompt: str, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        return attention_target_shares(Example(scene, prompt, "x", "k", box)).reshape(12, 12)
+
+    circles = target("How many circles are there?")
+    assert circles[0:2, 0:2].sum() == 4 and circles[4:6, 4:6].sum() == 4 and circles.sum() == 8
+    assert target("What shape is the blue object?").sum() == 4
+    assert target("Is there a red square?")[8:10, 8:10].sum() == 4
+    assert not target("Is there a green square?").any()
+    grounding = target("Locate the leftmost circle.", (0, 0, 56, 56))
+    assert grounding[0:2, 0:2].sum() == 4 and grounding.sum() == 4
 
 
 def test_patch_head_object_weight_reweighs_only_object_patches() -> None:
@@ -380,7 +447,14 @@ def test_patch_head_loss_is_small_for_right_answers() -> None:
     assert head.loss(features, targets).item() < start
 
 
-def test_cpu_bf16_training_with_example_weighting_and_attention_loss_stays_finite(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "probe_flags",
+    [(), ("--attn-layers", "0,1", "--attn-heads", "all", "--attn-positions", "4", "--attn-questions")],
+    ids=["one-head", "layers-heads-questions"],
+)
+def test_cpu_bf16_training_with_example_weighting_and_attention_loss_stays_finite(
+    tmp_path: Path, probe_flags: tuple[str, ...]
+) -> None:
     out = tmp_path / "bf16"
     args = _train_args(
         out,
@@ -393,6 +467,7 @@ def test_cpu_bf16_training_with_example_weighting_and_attention_loss_stays_finit
         "--example-weighting",
         "--attn-weight",
         "0.1",
+        *probe_flags,
     )
     train(parse_args(args))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -400,6 +475,12 @@ def test_cpu_bf16_training_with_example_weighting_and_attention_loss_stays_finit
     assert any(r.get("attn_loss", 0) > 0 for r in lines)
     weights = load_file(out / "checkpoint" / "model.safetensors")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+
+
+def test_attention_probe_flags_reject_non_integers(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--attn-layers", "4,five"])
+    assert "comma-separated integers" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

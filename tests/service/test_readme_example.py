@@ -14,12 +14,6 @@ from service.launcher import REPO
 
 EXAMPLE = REPO / "examples" / "scene.png"
 RED_CIRCLE = (48, 64, 128, 144)
-NOT_YET = pytest.mark.xfail(
-    strict=True,
-    reason="issue 3: the committed built-in model (0.37 grounding on the evaluation set) finds 'the circle' here but "
-    "sends 'the red circle' to another of the 4 objects; strict, so this fails as soon as a checkpoint does find "
-    "the red circle, and the marker must go",
-)
 REQUESTS = {
     # curl -F image=@examples/scene.png -F phrase="the red circle" localhost:8000/ground
     "plain": {"phrase": "the red circle"},
@@ -51,7 +45,6 @@ def test_readme_ground_curl_answers_the_contract(readme_bodies: dict[str, dict],
         assert box["label"] == "the red circle" and 0 <= x1 < x2 <= 336 and 0 <= y1 < y2 <= 336
 
 
-@NOT_YET
 @pytest.mark.parametrize("name", list(REQUESTS))
 def test_readme_ground_curl_finds_the_red_circle(
     readme_bodies: dict[str, dict], trained_model: bool, name: str
