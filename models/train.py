@@ -28,6 +28,10 @@
 * ``--example-weighting``: every example weighs the same in the answer loss, however many answer tokens it has.
   With the plain token mean a grounding item (4 location tokens + ``</s>``) outweighed a question (a word +
   ``</s>``) 2.5 to 1, and the questions stayed at answer priors while grounding rose (stage ``single``, step 750).
+* ``--attn-weight`` with ``--attn-layers``, ``--attn-heads``, ``--attn-positions``, ``--attn-questions``: the
+  `AttentionProbe` loss tells LLM heads where in the image the prompt's object is. One head of the middle layer
+  was not enough (the box was read from other layers' reads of other objects); every head of layers 2-7 at every
+  location token took the evaluation-set grounding from 0.35 to 0.84 (docs/MODEL.md).
 """
 
 from __future__ import annotations
