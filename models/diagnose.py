@@ -16,7 +16,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,12 +31,10 @@ from transformers import (
 
 from models import scenes
 from models.builtin.data import Example, TokenTable, box_patch_shares, collate, official_eval_examples
-from models.grounding import LOC_BINS, dequantize
 from models.loading import BUILTIN_MODEL_DIR
-from models.train import answer_start_positions, generate_answers
+from models.train import answer_start_positions, generate_answers, predicted_box
 
 FAILURE_CLASSES = ("correct", "right_object_imprecise", "wrong_object", "nowhere", "no_box")
-_LOC = re.compile(r"<loc_(\d+)>")
 
 
 def classify_box(box: Sequence[float] | None, scene: scenes.Scene, target: Sequence[int]) -> str:
@@ -57,14 +54,6 @@ def classify_box(box: Sequence[float] | None, scene: scenes.Scene, target: Seque
     return "wrong_object" if best_iou >= 0.3 else "nowhere"
 
 
-def box_from_text(text: str, size: int) -> tuple[float, ...] | None:
-    """The first four `<loc_k>` tokens of `text` as a box in pixels of a square scene of side `size`."""
-    bins = [int(k) for k in _LOC.findall(text)[:4]]
-    if len(bins) < 4 or any(k >= LOC_BINS for k in bins):
-        return None
-    return tuple(dequantize(k) * size for k in bins)
-
-
 def _batches(items: Sequence[Example], size: int) -> list[Sequence[Example]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
@@ -81,7 +70,7 @@ def grounding_failures(
     for batch in _batches(items, batch_size):
         answers = generate_answers(model, processor, batch, max_new_tokens=6)
         for item, answer in zip(batch, answers, strict=True):
-            label = classify_box(box_from_text(answer, item.scene.size), item.scene, item.box)
+            label = classify_box(predicted_box(answer, item.scene.size), item.scene, item.box)
             counts[item.kind][label] += 1
             counts["all"][label] += 1
     return dict(counts)
@@ -107,7 +96,9 @@ def head_target_rates(
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     table = TokenTable(processor.tokenizer)
-    hits, mass = None, None
+    text_config = model.config.text_config
+    hits = torch.zeros(text_config.num_hidden_layers, text_config.num_attention_heads)
+    mass = torch.zeros_like(hits)
     try:
         for batch in _batches(items, batch_size):
             tensors = collate(list(batch), table)
@@ -117,30 +108,21 @@ def head_target_rates(
                 attention_mask=tensors["attention_mask"].to(model.device),
                 output_attentions=True,
             )
-            rows = torch.arange(len(batch))
             start = answer_start_positions(tensors["labels"])
             image = (tensors["input_ids"] == model.config.image_token_id).to(model.device)
-            # per row: (layers, heads, 144) attention of the answer start over the visual tokens
-            image_weights = [
-                torch.stack([layer[r, :, start[r]][:, image[r]].float().cpu() for layer in out.attentions])
-                for r in rows.tolist()
-            ]
-            shares = [
-                torch.tensor(
+            for r, item in enumerate(batch):
+                # (layers, heads, 144): attention of the answer start over the visual tokens
+                weights = torch.stack(
+                    [layer[r, :, start[r]][:, image[r]].float().cpu() for layer in out.attentions]
+                )
+                shares = torch.from_numpy(
                     np.stack([box_patch_shares(obj.box, item.scene.size) for obj in item.scene.objects])
                 )
-                for item in batch
-            ]
-            batch_hits = torch.zeros(image_weights[0].shape[:2])
-            for r, item in enumerate(batch):
-                object_mass = torch.einsum("lhn,on->lho", image_weights[r], shares[r])
                 target = next(
                     i for i, obj in enumerate(item.scene.objects) if tuple(obj.box) == tuple(item.box)
                 )
-                batch_hits += (object_mass.argmax(-1) == target).float()
-            batch_mass = torch.stack(image_weights).sum(-1).sum(0)
-            hits = batch_hits if hits is None else hits + batch_hits
-            mass = batch_mass if mass is None else mass + batch_mass
+                hits += (torch.einsum("lhn,on->lho", weights, shares).argmax(-1) == target).float()
+                mass += weights.sum(-1)
     finally:
         model.set_attn_implementation(previous)
     return HeadRates(target_hits=hits / len(items), image_mass=mass / len(items), items=len(items))

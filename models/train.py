@@ -61,7 +61,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     ProcessorMixin,
 )
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import rotate_half
 
 from models import scenes
 from models.builtin.build import TINY_OVERRIDES, build_builtin
@@ -124,6 +124,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--attn-heads",
+        type=_heads_list,
         default="0",
         help="comma-separated query heads the AttentionProbe supervises in each layer, or 'all'",
     )
@@ -354,6 +355,11 @@ class PhraseHead(torch.nn.Module):
         return loss, correct.float().mean().item()
 
 
+def _rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on `(b, n, heads, d)` states with `(b, n, d)` tables, as Llama attention applies it."""
+    return states * cos[:, :, None] + rotate_half(states) * sin[:, :, None]
+
+
 class AttentionProbe:
     """Training-only loss that teaches LLM attention heads to look at what the prompt names.
 
@@ -375,7 +381,7 @@ class AttentionProbe:
     Args:
         model: The LLaVA model being trained.
         layers: Decoder layer indices (default: the middle one).
-        heads: Query head indices within each layer (default: head 0).
+        heads: Query head indices within each layer (default: head 0; None: every head).
         positions: How many answer positions per row are supervised (4 covers a box's location tokens).
     """
 
@@ -383,12 +389,12 @@ class AttentionProbe:
         self,
         model: LlavaForConditionalGeneration,
         layers: Sequence[int] | None = None,
-        heads: Sequence[int] = (0,),
+        heads: Sequence[int] | None = (0,),
         positions: int = 1,
     ) -> None:
         decoder = model.model.language_model.layers
         self.layers = tuple(layers) if layers is not None else (len(decoder) // 2,)
-        self.heads = tuple(heads)
+        self.heads = tuple(range(model.config.text_config.num_attention_heads) if heads is None else heads)
         self.positions = positions
         self.attentions = [decoder[index].self_attn for index in self.layers]
         self._inputs: list[dict[str, Any]] = [{} for _ in self.layers]
@@ -430,18 +436,22 @@ class AttentionProbe:
         wanted = targets[rows] / targets[rows].sum(-1, keepdim=True)  # (b, 144)
         image_positions = input_ids[rows] == image_token_id  # (b, L), 144 per row
         heads = torch.tensor(self.heads, device=labels.device)
+        row_index = torch.arange(batch, device=labels.device)[:, None]
         losses = []
         for attention, inputs in zip(self.attentions, self._inputs, strict=True):
             hidden = inputs["hidden_states"][rows]
-            cos, sin = (t[rows] if t.shape[0] == rows.shape[0] else t for t in inputs["position_embeddings"])
+            cos, sin = (
+                t[rows] if t.shape[0] == rows.shape[0] else t.expand(batch, -1, -1)
+                for t in inputs["position_embeddings"]
+            )
             head_dim = attention.head_dim
-            query = attention.q_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
-            key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
-            query = query.transpose(1, 2)[torch.arange(batch, device=labels.device)[:, None], positions]
-            query = query[:, :, heads]  # (b, P, h, d)
-            keys = key.transpose(1, 2)[image_positions].view(batch, -1, key.shape[1], head_dim)
-            keys = keys[:, :, heads // attention.num_key_value_groups]  # (b, 144, h, d)
+            # Project only what the loss reads: the supervised query positions and the 144 visual keys.
+            query = attention.q_proj(hidden[row_index, positions]).view(batch, self.positions, -1, head_dim)
+            query = _rotary(query, cos[row_index, positions], sin[row_index, positions])[:, :, heads]
+            keys = attention.k_proj(hidden[image_positions]).view(batch, -1, attention.k_proj.out_features)
+            keys = keys.view(batch, keys.shape[1], -1, head_dim)
+            image_cos, image_sin = (t[image_positions].view(batch, -1, head_dim) for t in (cos, sin))
+            keys = _rotary(keys, image_cos, image_sin)[:, :, heads // attention.num_key_value_groups]
             logits = torch.einsum("bphd,bnhd->bphn", query.float(), keys.float()) * attention.scaling
             losses.append(-(wanted[:, None, None] * F.log_softmax(logits, dim=-1)).sum(-1))  # (b, P, h)
         per_position = torch.stack(losses).mean(dim=(0, 3))  # (b, P)
@@ -587,14 +597,18 @@ def evaluate(
     return metrics
 
 
+def predicted_box(answer: str, size: int) -> tuple[float, float, float, float] | None:
+    """The first box of a built-in-model answer, in pixels of its square scene of side `size` (None: no box)."""
+    boxes = parse_boxes(answer, "loc_tokens", (size, size))
+    if not boxes:
+        return None
+    return to_pixels(boxes[0].xyxy_norm, resize_frame((size, size)), (size, size))
+
+
 def _is_correct(example: Example, answer: str, processor: ProcessorMixin) -> bool:
     if example.box is not None:
-        size = example.scene.size
-        boxes = parse_boxes(answer, "loc_tokens", (size, size))
-        if not boxes:
-            return False
-        predicted = to_pixels(boxes[0].xyxy_norm, resize_frame((size, size)), (size, size))
-        return scenes.grounding_correct(predicted, example.box)
+        predicted = predicted_box(answer, example.scene.size)
+        return predicted is not None and scenes.grounding_correct(predicted, example.box)
     text = answer
     for token in (processor.tokenizer.eos_token, processor.tokenizer.pad_token):
         text = text.replace(token, "")
@@ -632,6 +646,11 @@ def _int_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+
+
+def _heads_list(text: str) -> list[int] | None:
+    """Parse "0,2" or "all" (None: every head) for ``--attn-heads``."""
+    return None if text.strip() == "all" else _int_list(text)
 
 
 def _lr_lambda(warmup: int, total: int) -> Any:
@@ -716,12 +735,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     patch_head = PatchHead(model.config.text_config.hidden_size).to(device)
     attention_probe = None
     if args.attn_weight > 0:
-        heads = (
-            range(model.config.text_config.num_attention_heads)
-            if args.attn_heads == "all"
-            else _int_list(args.attn_heads)
-        )
-        attention_probe = AttentionProbe(model, args.attn_layers, tuple(heads), args.attn_positions)
+        attention_probe = AttentionProbe(model, args.attn_layers, args.attn_heads, args.attn_positions)
     phrase_head = None
     if args.phrase_weight > 0:
         layer = (

@@ -12,13 +12,13 @@ from models.builtin.build import TINY_OVERRIDES, build_builtin
 from models.builtin.data import official_eval_examples, stage_eval_examples
 from models.diagnose import (
     FAILURE_CLASSES,
-    box_from_text,
     classify_box,
     grounding_failures,
     head_target_rates,
     heads_table,
     main,
 )
+from models.train import predicted_box
 
 SCENE = scenes.Scene(
     336,
@@ -46,12 +46,13 @@ def test_classify_box(box: tuple[int, ...] | None, expected: str) -> None:
     assert classify_box(box, SCENE, TARGET) == expected
 
 
-def test_box_from_text_reads_the_first_four_location_tokens() -> None:
-    assert box_from_text("<loc_0><loc_500><loc_999><loc_250><loc_7>", 1000) == pytest.approx(
-        (0.5, 500.5, 999.5, 250.5)
+def test_predicted_box_reads_the_first_four_location_tokens() -> None:
+    """The diagnosis reads boxes with the evaluation's parser (`train.predicted_box`), so their "correct" agree."""
+    assert predicted_box("<loc_0><loc_250><loc_999><loc_500><loc_7>", 1000) == pytest.approx(
+        (0.5, 250.5, 999.5, 500.5)
     )
-    assert box_from_text("<loc_1><loc_2><loc_3>", 336) is None
-    assert box_from_text("red", 336) is None
+    assert predicted_box("<loc_1><loc_2><loc_3>", 336) is None
+    assert predicted_box("red", 336) is None
 
 
 @pytest.fixture(scope="module")
