@@ -103,6 +103,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--grounding-fraction", type=float, default=0.6)
+    parser.add_argument(
+        "--kind-weights",
+        type=_kind_weights,
+        default={},
+        help="stage all: relative weights of item kinds, e.g. 'vqa/count=2,ground/color_object=1.5' (others: 1)",
+    )
     parser.add_argument("--aux-weight", type=float, default=0.5, help="weight of the PatchHead loss (0: off)")
     parser.add_argument(
         "--aux-object-weight",
@@ -648,6 +654,26 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
 
 
+def _kind_weights(text: str) -> dict[str, float]:
+    """Parse "vqa/count=2,ground/extremal=1.5" for ``--kind-weights`` (kinds of `scenes`, weights > 0)."""
+    known = {f"ground/{k}" for k in scenes.PHRASE_KINDS} | {f"vqa/{k}" for k in scenes.QUESTION_KINDS}
+    weights: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, sep, value = part.partition("=")
+        if not sep or kind.strip() not in known:
+            raise argparse.ArgumentTypeError(
+                f"expected KIND=WEIGHT with KIND in {sorted(known)}, got {part!r}"
+            )
+        try:
+            weight = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"weight of {kind!r} is not a number: {value!r}") from None
+        if not weight > 0:
+            raise argparse.ArgumentTypeError(f"weight of {kind!r} must be > 0, got {weight}")
+        weights[kind.strip()] = weight
+    return weights
+
+
 def _heads_list(text: str) -> list[int] | None:
     """Parse "0,2" or "all" (None: every head) for ``--attn-heads``."""
     return None if text.strip() == "all" else _int_list(text)
@@ -786,6 +812,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         start_batch=step,
         grounding_fraction=args.grounding_fraction,
+        kind_weights=args.kind_weights,
     )
     batches = iter(make_loader(dataset, num_workers))
     eval_sets: dict[str, list[Example]] = {}

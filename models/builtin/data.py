@@ -104,9 +104,19 @@ def _vqa_example(item: scenes.VQAItem) -> Example:
     return Example(item.scene, item.question, item.answer, f"vqa/{item.kind}")
 
 
-def _stage_grounding(rng: random.Random, stage: str, size: int) -> Example:
+def _weighted_kind(rng: random.Random, task: str, kinds: tuple[str, ...], weights: dict[str, float]) -> str:
+    """One of `kinds`, drawn with the relative `weights`, keyed like `Example.kind` ("vqa/count"; unnamed: 1)."""
+    return rng.choices(kinds, weights=[weights.get(f"{task}/{kind}", 1.0) for kind in kinds])[0]
+
+
+def _stage_grounding(
+    rng: random.Random, stage: str, size: int, kind_weights: dict[str, float] | None = None
+) -> Example:
     if stage == "all":
-        item = scenes.make_grounding_item(rng, size)
+        kinds = (
+            None if not kind_weights else [_weighted_kind(rng, "ground", scenes.PHRASE_KINDS, kind_weights)]
+        )
+        item = scenes.make_grounding_item(rng, size, kinds)
         return _grounding_example(item.scene, item.phrase, item.target, item.kind)
     kinds = {"single": ("color_shape",), "color": ("color_object",)}.get(
         stage, ("color_shape", "shape", "color_object")
@@ -120,9 +130,14 @@ def _stage_grounding(rng: random.Random, stage: str, size: int) -> Example:
             return _grounding_example(scene, phrase, target, phrase_kind(phrase))
 
 
-def _stage_vqa(rng: random.Random, stage: str, size: int) -> Example:
+def _stage_vqa(
+    rng: random.Random, stage: str, size: int, kind_weights: dict[str, float] | None = None
+) -> Example:
     if stage == "all":
-        return _vqa_example(scenes.make_vqa_item(rng, size))
+        kinds = (
+            None if not kind_weights else [_weighted_kind(rng, "vqa", scenes.QUESTION_KINDS, kind_weights)]
+        )
+        return _vqa_example(scenes.make_vqa_item(rng, size, kinds))
     kinds = ("color", "shape", "exists") if stage == "color_shape" else ("color", "shape")
     while True:
         count = 1 if stage == "single" else rng.randint(2, scenes.MAX_OBJECTS)
@@ -134,7 +149,13 @@ def _stage_vqa(rng: random.Random, stage: str, size: int) -> Example:
             return _vqa_example(rng.choice(options))
 
 
-def sample_example(rng: random.Random, stage: str, size: int, grounding_fraction: float = 0.6) -> Example:
+def sample_example(
+    rng: random.Random,
+    stage: str,
+    size: int,
+    grounding_fraction: float = 0.6,
+    kind_weights: dict[str, float] | None = None,
+) -> Example:
     """Draw one example of `stage` on a square scene of side `size`.
 
     Args:
@@ -143,12 +164,19 @@ def sample_example(rng: random.Random, stage: str, size: int, grounding_fraction
         size: Scene side in pixels.
         grounding_fraction: Probability of a grounding item (the rest are questions); grounding is the slower
             task to learn, so it gets the larger share.
+        kind_weights: Stage ``all`` only: relative sampling weights of phrase and question kinds, keyed like
+            `Example.kind` ("ground/extremal", "vqa/count"; unnamed kinds weigh 1). None or empty keeps the
+            evaluation distribution (uniform kinds). It lets the weakest kinds get more of the steps: at stage
+            ``all`` step 2500 counting scored 0.70 on 250 evaluation questions, mostly one too many (2 -> 3, 3 -> 4
+            and 4 -> 5 in 40-58% of those items), while colour, shape and "is there" questions scored 0.96-1.0.
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    if kind_weights and stage != "all":
+        raise ValueError("kind_weights apply to stage 'all' only")
     if rng.random() < grounding_fraction:
-        return _stage_grounding(rng, stage, size)
-    return _stage_vqa(rng, stage, size)
+        return _stage_grounding(rng, stage, size, kind_weights)
+    return _stage_vqa(rng, stage, size, kind_weights)
 
 
 def stage_eval_examples(stage: str, count: int, seed: int = scenes.EVAL_SEED) -> list[Example]:
@@ -373,6 +401,7 @@ class SceneBatches(torch.utils.data.IterableDataset):
         start_batch: Index of the first batch to yield; set to the step count when resuming.
         sizes: Scene sides to sample from (each image is resized to 336).
         grounding_fraction: Share of grounding items.
+        kind_weights: Relative weights of phrase and question kinds (`sample_example`).
     """
 
     def __init__(
@@ -384,6 +413,7 @@ class SceneBatches(torch.utils.data.IterableDataset):
         start_batch: int = 0,
         sizes: tuple[int, ...] = scenes.TRAIN_SIZES,
         grounding_fraction: float = 0.6,
+        kind_weights: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if stage not in STAGES:
@@ -395,12 +425,15 @@ class SceneBatches(torch.utils.data.IterableDataset):
         self.start_batch = start_batch
         self.sizes = sizes
         self.grounding_fraction = grounding_fraction
+        self.kind_weights = dict(kind_weights or {})
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         """Batch number `index` of this stream (a pure function of seed and index)."""
         rng = scenes.training_rng(self.seed * _STREAM_STRIDE + index)
         examples = [
-            sample_example(rng, self.stage, rng.choice(self.sizes), self.grounding_fraction)
+            sample_example(
+                rng, self.stage, rng.choice(self.sizes), self.grounding_fraction, self.kind_weights
+            )
             for _ in range(self.batch_size)
         ]
         return collate(examples, self.table)

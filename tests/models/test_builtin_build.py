@@ -169,6 +169,60 @@ def test_stages_draw_their_own_distribution(processor: LlavaProcessor) -> None:
         sample_example(rng, "everything", 336)
 
 
+def test_kind_weights_shift_the_mix_and_keep_items_valid() -> None:
+    rng = random.Random(5)
+    weights = {"vqa/count": 3.0, "ground/extremal": 2.0}
+    drawn = [sample_example(rng, "all", 336, 0.5, weights) for _ in range(2000)]
+    kinds = {kind: sum(e.kind == kind for e in drawn) for kind in {e.kind for e in drawn}}
+    questions = sum(v for k, v in kinds.items() if k.startswith("vqa/"))
+    phrases = len(drawn) - questions
+    # count gets 3 of 6 shares of the questions, extremal 2 of 5 shares of the phrases; the rest stay uniform
+    assert kinds["vqa/count"] / questions == pytest.approx(0.5, abs=0.05)
+    assert kinds["ground/extremal"] / phrases == pytest.approx(0.4, abs=0.05)
+    assert kinds["vqa/shape"] / questions == pytest.approx(1 / 6, abs=0.04)
+    assert kinds["ground/shape"] / phrases == pytest.approx(0.2, abs=0.04)
+    for example in drawn[:200]:  # still contract items: the answer is the scene's truth
+        if example.kind == "vqa/count":
+            shape = example.prompt.split()[2][:-1]
+            assert example.answer == str(sum(o.shape == shape for o in example.scene.objects))
+        if example.kind == "ground/extremal":
+            assert scenes.grounding_phrases(example.scene).count((example.phrase, _target(example))) == 1
+    unweighted = [sample_example(random.Random(9), "all", 336, 0.5) for _ in range(3)]
+    assert unweighted == [sample_example(random.Random(9), "all", 336, 0.5, {}) for _ in range(3)]
+    with pytest.raises(ValueError, match="stage 'all' only"):
+        sample_example(rng, "single", 336, 0.5, weights)
+
+
+def _target(example: Example) -> int:
+    return next(i for i, o in enumerate(example.scene.objects) if tuple(o.box) == tuple(example.box))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("vqa/count", "KIND=WEIGHT"),
+        ("vqa/colour=2", "KIND=WEIGHT"),
+        ("count=2", "KIND=WEIGHT"),
+        ("vqa/count=two", "not a number"),
+        ("vqa/count=0", "must be > 0"),
+    ],
+)
+def test_kind_weights_flag_rejects_bad_values(
+    text: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--stage", "all", "--steps", "1", "--kind-weights", text])
+    assert message in capsys.readouterr().err
+
+
+def test_kind_weights_flag_parses() -> None:
+    args = parse_args(
+        ["--out", "x", "--stage", "all", "--steps", "1", "--kind-weights", "vqa/count=3,ground/shape=0.5"]
+    )
+    assert args.kind_weights == {"vqa/count": 3.0, "ground/shape": 0.5}
+    assert parse_args(["--out", "x", "--stage", "all", "--steps", "1"]).kind_weights == {}
+
+
 def test_stream_is_a_function_of_seed_and_index(processor: LlavaProcessor) -> None:
     stream = SceneBatches(processor.tokenizer, "single", batch_size=2, seed=3)
     resumed = SceneBatches(processor.tokenizer, "single", batch_size=2, seed=3, start_batch=1)
