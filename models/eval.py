@@ -17,7 +17,8 @@ Usage:
 `--data` is JSON Lines, one item per line, image paths relative to the file:
     {"type": "ground", "image": "img/1.jpg", "phrase": "the man on the left", "box": [x1, y1, x2, y2]}
     {"type": "vqa", "image": "img/2.jpg", "question": "What color is the bus?", "answer": "red"}
-Boxes are in original image pixels. Scoring: IoU >= 0.5 with the FIRST predicted box; VQA exact match after
+An optional "kind" (any string, e.g. "ground/testA") adds a per-kind table to the report; the contract scenes carry
+their phrase and question kinds ("ground/extremal", "vqa/count"). Boxes are in original image pixels. Scoring: IoU >= 0.5 with the FIRST predicted box; VQA exact match after
 lower-casing and stripping whitespace and one final period.
 """
 
@@ -53,6 +54,7 @@ class EvalItem:
     text: str
     box: tuple[float, float, float, float] | None = None
     answer: str | None = None
+    subkind: str | None = None  # e.g. "ground/extremal", "vqa/count": scored apart in the per-kind table
 
 
 @dataclass
@@ -72,6 +74,20 @@ class Score:
     flops_unpruned: list[float] = field(default_factory=list)
     prefill_s: float = 0.0
     items: int = 0
+    by_kind: dict[str, list[int]] = field(default_factory=dict)  # subkind -> [correct, total]
+
+    def add(self, item: EvalItem, correct: bool) -> None:
+        """Count one scored item, overall and under its subkind."""
+        if item.kind == "ground":
+            self.grounding_total += 1
+            self.grounding_correct += int(correct)
+        else:
+            self.vqa_total += 1
+            self.vqa_correct += int(correct)
+        if item.subkind is not None:
+            tally = self.by_kind.setdefault(item.subkind, [0, 0])
+            tally[0] += int(correct)
+            tally[1] += 1
 
     @property
     def grounding(self) -> float:
@@ -99,10 +115,21 @@ def scene_items(limit: int | None = None) -> list[EvalItem]:
     count = limit if limit is not None else 1000
     grounding, vqa = scenes.evaluation_set(num_grounding=count, num_vqa=count)
     items = [
-        EvalItem("ground", scenes.render(item.scene), item.phrase, box=tuple(map(float, item.box)))
+        EvalItem(
+            "ground",
+            scenes.render(item.scene),
+            item.phrase,
+            box=tuple(map(float, item.box)),
+            subkind=f"ground/{item.kind}",
+        )
         for item in grounding
     ]
-    items += [EvalItem("vqa", scenes.render(item.scene), item.question, answer=item.answer) for item in vqa]
+    items += [
+        EvalItem(
+            "vqa", scenes.render(item.scene), item.question, answer=item.answer, subkind=f"vqa/{item.kind}"
+        )
+        for item in vqa
+    ]
     return items
 
 
@@ -120,9 +147,10 @@ def stage_items(stage: str, limit: int | None = None) -> list[EvalItem]:
     for example in stage_eval_examples(stage, 2 * count):
         image = scenes.render(example.scene)
         if example.box is not None:
-            items.append(EvalItem("ground", image, str(example.phrase), box=tuple(map(float, example.box))))
+            box = tuple(map(float, example.box))
+            items.append(EvalItem("ground", image, str(example.phrase), box=box, subkind=example.kind))
         else:
-            items.append(EvalItem("vqa", image, example.prompt, answer=example.answer))
+            items.append(EvalItem("vqa", image, example.prompt, answer=example.answer, subkind=example.kind))
     return items
 
 
@@ -140,10 +168,14 @@ def jsonl_items(path: Path, limit: int | None = None) -> list[EvalItem]:
         if limit is not None and counts[kind] >= limit:
             continue
         image = Image.open(path.parent / record["image"]).convert("RGB")
+        subkind = None if record.get("kind") is None else str(record["kind"])
         if kind == "ground":
-            items.append(EvalItem("ground", image, record["phrase"], box=tuple(map(float, record["box"]))))
+            box = tuple(map(float, record["box"]))
+            items.append(EvalItem("ground", image, record["phrase"], box=box, subkind=subkind))
         else:
-            items.append(EvalItem("vqa", image, record["question"], answer=str(record["answer"])))
+            items.append(
+                EvalItem("vqa", image, record["question"], answer=str(record["answer"]), subkind=subkind)
+            )
         counts[kind] += 1
     return items
 
@@ -191,11 +223,9 @@ def evaluate(
             score.flops_unpruned.append(result.report.flops_prefill_unpruned)
             if item.kind == "ground":
                 predicted = result.boxes[0].xyxy if result.boxes else None
-                score.grounding_total += 1
-                score.grounding_correct += int(scenes.grounding_correct(predicted, item.box))
+                score.add(item, scenes.grounding_correct(predicted, item.box))
             else:
-                score.vqa_total += 1
-                score.vqa_correct += int(scenes.vqa_correct(result.text, item.answer or ""))
+                score.add(item, scenes.vqa_correct(result.text, item.answer or ""))
         if progress is not None:
             progress.update(len(chunk))
     return score
@@ -222,6 +252,24 @@ def markdown_table(scores: Sequence[Score]) -> str:
             f"{_retention(score.grounding, reference.grounding)} | {score.mean_flops / 1e9:.3f} | "
             f"{score.prefill_ms_per_item:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def kind_table(scores: Sequence[Score]) -> str:
+    """Accuracy per item kind: the unpruned model and every method at the smallest budget ("" without kinds)."""
+    kinds = sorted(scores[0].by_kind)
+    if not kinds:
+        return ""
+    budgets = [s.budget for s in scores if s.budget is not None]
+    shown = [scores[0], *[s for s in scores if budgets and s.budget == min(budgets)]]
+    header = " | ".join(s.method if s.budget is None else f"{s.method} {100 * s.budget:g}%" for s in shown)
+    lines = [f"| kind | items | {header} |", "|---|---|" + "---|" * len(shown)]
+    for kind in kinds:
+        cells = []
+        for score in shown:
+            correct, total = score.by_kind.get(kind, [0, 0])
+            cells.append(f"{correct / total:.3f}" if total else "n/a")
+        lines.append(f"| {kind} | {scores[0].by_kind[kind][1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -285,6 +333,11 @@ def plot(scores: Sequence[Score], path: Path) -> None:
     plt.close(figure)
 
 
+def _kind_section(scores: Sequence[Score]) -> str:
+    table = kind_table(scores)
+    return f"\n## Per kind\n\n{table}\n" if table else ""
+
+
 def write_report(
     scores: Sequence[Score], path: Path, plot_path: Path, command: str, model: str, seconds: float, items: int
 ) -> None:
@@ -313,7 +366,7 @@ vision and pruning times are excluded.
 {markdown_table(scores)}
 
 ![retention]({plot_path.name})
-
+{_kind_section(scores)}
 ## Verdict
 
 {verdict(scores)}

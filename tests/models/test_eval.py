@@ -48,6 +48,17 @@ def test_study_on_scenes_writes_table_and_plot(model_dir, tmp_path):
     assert "| nuwa | 25% |" in text and "| fastv | 25% |" in text
     assert "## Verdict" in text
     assert (tmp_path / "retention.png").stat().st_size > 10_000
+    # the per-kind table: every kind of the 3 + 3 items, unpruned and each method at the budget
+    assert "| kind | items | none | nuwa 25% | fastv 25% |" in text
+    for kind in (
+        "ground/color_shape",
+        "ground/shape",
+        "ground/color_object",
+        "vqa/color",
+        "vqa/shape",
+        "vqa/count",
+    ):
+        assert f"| {kind} | 1 |" in text
 
 
 def test_jsonl_items_and_scoring(tmp_path):
@@ -64,6 +75,10 @@ def test_jsonl_items_and_scoring(tmp_path):
     items = retention.jsonl_items(path, limit=1)
     assert [item.kind for item in items] == ["ground", "vqa"]
     assert items[0].box == tuple(map(float, grounding[0].box)) and items[1].answer == vqa[0].answer
+    assert items[0].subkind is None
+    tagged = tmp_path / "tagged.jsonl"
+    tagged.write_text(json.dumps({**lines[0], "kind": "ground/testA"}))
+    assert retention.jsonl_items(tagged)[0].subkind == "ground/testA"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"type": "caption", "image": "g0.png"}))
     with pytest.raises(ValueError, match="type must be"):
@@ -79,6 +94,26 @@ def test_verdict_reads_the_numbers():
     assert "does NOT show" in retention.verdict(
         [reference, fastv, retention.Score("nuwa", "nuwa", 0.25, 0, 10, 9, 10)]
     )
+
+
+def test_scores_per_kind_and_the_kind_table():
+    image = scenes.render(scenes.evaluation_set(1, 0)[0][0].scene)
+    extremal = retention.EvalItem(
+        "ground", image, "the leftmost circle", box=(0, 0, 1, 1), subkind="ground/extremal"
+    )
+    count = retention.EvalItem("vqa", image, "How many circles are there?", answer="2", subkind="vqa/count")
+    reference = retention.Score("none", "none", None)
+    for item, correct in ((extremal, True), (extremal, False), (count, True), (count, True)):
+        reference.add(item, correct)
+    assert (reference.grounding, reference.vqa) == (0.5, 1.0)
+    assert reference.by_kind == {"ground/extremal": [1, 2], "vqa/count": [2, 2]}
+    pruned = retention.Score("nuwa@0.25", "nuwa", 0.25)
+    pruned.add(count, False)
+    wider = retention.Score("nuwa@0.5", "nuwa", 0.5)
+    table = retention.kind_table([reference, pruned, wider])
+    assert table.splitlines()[0] == "| kind | items | none | nuwa 25% |"  # only the smallest budget is shown
+    assert "| ground/extremal | 2 | 0.500 | n/a |" in table and "| vqa/count | 2 | 1.000 | 0.000 |" in table
+    assert retention.kind_table([retention.Score("none", "none", None)]) == ""
 
 
 def test_stage_items_are_held_out_one_object_scenes() -> None:
