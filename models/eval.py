@@ -18,8 +18,9 @@ Usage:
     {"type": "ground", "image": "img/1.jpg", "phrase": "the man on the left", "box": [x1, y1, x2, y2]}
     {"type": "vqa", "image": "img/2.jpg", "question": "What color is the bus?", "answer": "red"}
 An optional "kind" (any string, e.g. "ground/testA") adds a per-kind table to the report; the contract scenes carry
-their phrase and question kinds ("ground/extremal", "vqa/count"). Boxes are in original image pixels. Scoring: IoU >= 0.5 with the FIRST predicted box; VQA exact match after
-lower-casing and stripping whitespace and one final period.
+their phrase and question kinds ("ground/extremal", "vqa/count"). Boxes are in original image pixels. Scoring:
+IoU >= 0.5 with the FIRST predicted box; VQA exact match after lower-casing and stripping whitespace and one final
+period.
 """
 
 from __future__ import annotations

@@ -104,18 +104,24 @@ def _vqa_example(item: scenes.VQAItem) -> Example:
     return Example(item.scene, item.question, item.answer, f"vqa/{item.kind}")
 
 
-def _weighted_kind(rng: random.Random, task: str, kinds: tuple[str, ...], weights: dict[str, float]) -> str:
-    """One of `kinds`, drawn with the relative `weights`, keyed like `Example.kind` ("vqa/count"; unnamed: 1)."""
-    return rng.choices(kinds, weights=[weights.get(f"{task}/{kind}", 1.0) for kind in kinds])[0]
+def _weighted_kind(
+    rng: random.Random, task: str, kinds: tuple[str, ...], weights: dict[str, float] | None
+) -> list[str] | None:
+    """[one of `kinds`] drawn with the relative `weights`, keyed like `Example.kind` ("vqa/count"; unnamed: 1).
+
+    None without weights, so the `scenes` item makers draw their kind themselves and the stream stays the
+    evaluation distribution, identical to runs made before weights existed.
+    """
+    if not weights:
+        return None
+    return rng.choices(kinds, weights=[weights.get(f"{task}/{kind}", 1.0) for kind in kinds])[:1]
 
 
 def _stage_grounding(
     rng: random.Random, stage: str, size: int, kind_weights: dict[str, float] | None = None
 ) -> Example:
     if stage == "all":
-        kinds = (
-            None if not kind_weights else [_weighted_kind(rng, "ground", scenes.PHRASE_KINDS, kind_weights)]
-        )
+        kinds = _weighted_kind(rng, "ground", scenes.PHRASE_KINDS, kind_weights)
         item = scenes.make_grounding_item(rng, size, kinds)
         return _grounding_example(item.scene, item.phrase, item.target, item.kind)
     kinds = {"single": ("color_shape",), "color": ("color_object",)}.get(
@@ -134,9 +140,7 @@ def _stage_vqa(
     rng: random.Random, stage: str, size: int, kind_weights: dict[str, float] | None = None
 ) -> Example:
     if stage == "all":
-        kinds = (
-            None if not kind_weights else [_weighted_kind(rng, "vqa", scenes.QUESTION_KINDS, kind_weights)]
-        )
+        kinds = _weighted_kind(rng, "vqa", scenes.QUESTION_KINDS, kind_weights)
         return _vqa_example(scenes.make_vqa_item(rng, size, kinds))
     kinds = ("color", "shape", "exists") if stage == "color_shape" else ("color", "shape")
     while True:
