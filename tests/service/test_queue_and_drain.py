@@ -61,11 +61,13 @@ def test_full_visual_token_queue_answers_429_with_retry_after(small_server: Serv
 
 def test_client_that_leaves_is_dropped_from_the_queue(small_server: ServerProcess) -> None:
     png = red_circle_png()
-    with small_server.client() as client, ThreadPoolExecutor(max_workers=10) as pool:
+    # 12 requests ahead (one running, 11 queued: 1728 estimated visual tokens with this one, under the 2000
+    # limit) keep it queued for ~0.6 s even with the trained model's ~50 ms per request; it leaves after 0.2 s.
+    with small_server.client() as client, ThreadPoolExecutor(max_workers=12) as pool:
         before = metric(scrape(client), "nuwa_rejections_total", reason="client_disconnected")
-        busy = [pool.submit(ground, client, png, "the red circle", budget=16) for _ in range(10)]
-        time.sleep(0.1)
-        with small_server.client(timeout=0.3) as impatient, pytest.raises(httpx.ReadTimeout):
+        busy = [pool.submit(ground, client, png, "the red circle", budget=16) for _ in range(12)]
+        time.sleep(0.2)
+        with small_server.client(timeout=0.2) as impatient, pytest.raises(httpx.ReadTimeout):
             ground(impatient, png, "the red circle", headers={"X-Request-Id": "impatient-1"})
         assert all(future.result(timeout=60).status_code == 200 for future in busy)
         deadline = time.monotonic() + 10
