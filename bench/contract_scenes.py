@@ -5,10 +5,10 @@ the `models.eval --data` format; score them with
 
     python -m models.eval --data runs/contract/items.jsonl --methods none --out runs/contract/RESULT.md
 
-Why it exists: `models/scenes.py` draws shapes with its own pixel-centre masks, and the model is trained on exactly
+Why it exists: `models/builtin/scenes.py` draws shapes with its own pixel-centre masks, and the model is trained on exactly
 those pixels. Checkers outside the project write their generators from ``shared/specs/scenes.md`` alone, so a model
 that leaned on a quirk of our rasteriser would pass our evaluation and fail theirs. This module was written from
-the spec without reading `models/scenes.py`: it draws with `PIL.ImageDraw` (other edge pixels, other triangle and
+the spec without reading `models/builtin/scenes.py`: it draws with `PIL.ImageDraw` (other edge pixels, other triangle and
 diamond rounding), samples scene layouts its own way and balances every kind and answer. Nothing here imports the
 project's scene code; `tests/models/test_contract_scenes.py` checks the two implementations against each other.
 

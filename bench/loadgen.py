@@ -30,8 +30,6 @@ from urllib.parse import urlsplit
 
 import httpx
 
-logger = logging.getLogger(__name__)
-
 HARD_MAX_REQUESTS = 20_000
 HARD_MAX_DURATION_S = 900.0
 
@@ -67,7 +65,7 @@ def scene_payloads(
     api_key: str | None = None,
 ) -> list[Payload]:
     """`count` distinct contract scenes (336 px PNG) with their phrases, as /ground requests."""
-    from models.scenes import make_grounding_item, render
+    from models.builtin.scenes import make_grounding_item, render
 
     payloads = []
     for seed in range(count):

@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import DynamicCache
 
-from models.base import _Clock
-from models.budget import METHODS, PruningConfig
+from models.budget import PruningConfig
+from models.clocks import CudaEventClock, StageClock
+from models.methods import method_names
 from models.runner import ModelRunner
 from models.tasks import TaskRequest
 
@@ -64,8 +64,8 @@ def paper_flops_check() -> dict[str, Any]:
     counting the visual tokens only (no text) reproduces the paper's 5.973 / 0.6476 TFLOPs, which shows both
     what the paper counted and that the planner reproduces its published configuration.
     """
-    from models.base import prefill_flops
     from models.budget import plan_tokens
+    from models.reports import prefill_flops
 
     hidden, intermediate, layers, tokens = 4096, 11008, 32, 576
     plan = plan_tokens(PruningConfig(method="nuwa", budget=64), tokens, layers, (24, 24), "llava")
@@ -77,63 +77,19 @@ def paper_flops_check() -> dict[str, Any]:
     }
 
 
-class _EventClock:
-    """Duck-typed stand-in for the engine's stage clock that records CUDA events and reads them once at the end."""
-
-    def __init__(self) -> None:
-        self._spans: list[tuple[str, Any, Any]] = []
-
-    def now(self) -> Any:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def add(self, stage: str, since: Any) -> Any:
-        current = self.now()
-        self._spans.append((stage, since, current))
-        return current
-
-    @property
-    def timings(self) -> dict[str, float]:
-        torch.cuda.synchronize()
-        totals: dict[str, float] = {}
-        for stage, start, end in self._spans:
-            totals[stage] = totals.get(stage, 0.0) + start.elapsed_time(end) / 1000.0
-        return totals
-
-
-@torch.inference_mode()
 def timed_generate(
     runner: ModelRunner, batch: Any, configs: Sequence[PruningConfig], new_tokens: int
-) -> tuple[dict[str, float], list[Any], torch.Tensor]:
-    """The engine's generate loop with stage clocks, decoding exactly `new_tokens` tokens per sample.
-
-    Mirrors `VisionLanguageAdapter.generate` (same calls in the same order) minus the EOS stop, so every
-    configuration decodes the same number of steps and decode timings compare.
+) -> tuple[dict[str, float], list[Any]]:
+    """The engine's own `generate`, decoding exactly `new_tokens` tokens per sample (EOS ignored), so every
+    configuration decodes the same number of steps; CUDA events on a GPU (no sync between stages).
 
     Returns:
-        (seconds per stage: vision, prune, prefill, decode), the per-sample visual-token reports, and the
-        generated ids `(B, new_tokens)` (equal to `generate`'s up to each sample's EOS).
+        (seconds per stage: vision, prune, prefill, decode), the per-sample visual-token reports.
     """
     adapter = runner.adapter
-    clock: Any = _EventClock() if adapter.device.type == "cuda" else _Clock(adapter.device)
-    llm = adapter.prune(batch, configs, clock)
-    cache = DynamicCache(config=adapter.model.config.text_config)
-    start = clock.now()
-    try:
-        outputs = adapter._llm_call(llm, cache=cache, logits_to_keep=1)
-        reports = adapter._reports(llm, configs)
-        adapter.controller.end_prefill()
-        generated = outputs.logits[:, -1].argmax(dim=-1)[:, None]
-        start = clock.add("prefill", start)
-        for _ in range(new_tokens - 1):
-            outputs = adapter._decode_step(llm, generated, cache)
-            generated = torch.cat([generated, outputs.logits[:, -1].argmax(dim=-1)[:, None]], dim=1)
-        if new_tokens > 1:
-            clock.add("decode", start)
-    finally:
-        adapter.controller.finish()
-    return dict(clock.timings), reports, generated
+    clock = CudaEventClock() if adapter.device.type == "cuda" else StageClock(adapter.device)
+    output = adapter.generate(batch, configs, max_new_tokens=new_tokens, clock=clock, stop_at_eos=False)
+    return dict(output.timings), output.reports
 
 
 def peak_matmul_flops(device: torch.device, seconds: float = 2.0) -> dict[str, Any]:
@@ -201,7 +157,7 @@ def _images(runner: ModelRunner, batch_size: int) -> list[Image.Image]:
     """Contract scenes at the model's input size (so no padding or resize changes the token count)."""
     import random
 
-    from models.scenes import make_grounding_item, render
+    from models.builtin.scenes import make_grounding_item, render
 
     side = 336 if runner.adapter.family != "qwen2_5_vl" else 672
     return [render(make_grounding_item(random.Random(i), side).scene) for i in range(batch_size)]
@@ -231,7 +187,7 @@ def measure(
         start = time.perf_counter()
         batch = runner.adapter.prepare(images, prompts)
         preprocess = time.perf_counter() - start
-        stages, reports, _ = timed_generate(runner, batch, configs, new_tokens)
+        stages, reports = timed_generate(runner, batch, configs, new_tokens)
         if device.type == "cuda":
             peak_mib = max(peak_mib, torch.cuda.max_memory_allocated(device) / 2**20)
         if attempt > 0:  # the first run warms caches and kernels
@@ -279,9 +235,9 @@ def load_model(name: str, device: torch.device, smoke: bool) -> ModelRunner:
     """`builtin` (committed or random-weight built-in model) or a random-weight 7B shape."""
     if name == "builtin":
         from bench.server import default_model_dir
-        from models.loading import load_adapter
+        from models.loading import load_runner
 
-        runner = load_adapter(default_model_dir(), device=str(device))
+        runner = load_runner(default_model_dir(), device=str(device))
         runner.name = "builtin (nuwa-tiny-llava)"
         return runner
     from bench.shapes import build_shape
@@ -307,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Time vision / prune / prefill / decode per pruning config.")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--models", nargs="+", default=None, help="builtin, llava_1_5_7b, qwen2_5_vl_7b")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(method_names()))
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))
     parser.add_argument("--new-tokens", type=int, default=8)

@@ -1,6 +1,6 @@
 """Start and stop a real `python -m service` on a free loopback port, for the load and fault benchmarks.
 
-The service is started through `service.launcher`, exactly as `make serve` starts it (uvicorn, spawned worker),
+The service is started through `tests.support.launcher`, exactly as `make serve` starts it (uvicorn, spawned worker),
 configured only through `NUWA_*` environment variables. The model is the committed built-in model when present,
 else a random-weight model of the same architecture built once into a cache directory (same shapes, so the same
 timings).
@@ -11,8 +11,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from service import launcher
-from service.launcher import REPO, ServiceProcess, free_port
+from tests.support import launcher
+from tests.support.launcher import REPO, ServiceProcess, free_port
 
 RANDOM_MODEL_CACHE = Path(tempfile.gettempdir()) / "nuwa-bench"
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.loadgen import LoadResult, closed_loop, open_loop, run, scene_payloads
 from bench.server import default_model_dir, start_service
-from service.launcher import ServiceProcess
+from tests.support.launcher import ServiceProcess
 
 logger = logging.getLogger(__name__)
 

@@ -21,12 +21,11 @@ import logging
 from typing import Any
 
 import torch
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 logger = logging.getLogger(__name__)
 
 SHAPES = ("llava_1_5_7b", "qwen2_5_vl_7b")
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 QWEN_SPECIALS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -132,8 +131,8 @@ def build_llava_1_5_7b(device: torch.device, dtype: torch.dtype, smoke: bool = F
         image_processor=CLIPImageProcessorPil(
             size={"shortest_edge": 336},
             crop_size={"height": 336, "width": 336},
-            image_mean=CLIP_MEAN,
-            image_std=CLIP_STD,
+            image_mean=list(OPENAI_CLIP_MEAN),
+            image_std=list(OPENAI_CLIP_STD),
         ),
         tokenizer=tokenizer,
         patch_size=14,
@@ -222,8 +221,8 @@ def build_qwen2_5_vl_7b(device: torch.device, dtype: torch.dtype, smoke: bool = 
         temporal_patch_size=2,
         min_pixels=56 * 56,
         max_pixels=side * side,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
     )
     processor = Qwen2_5_VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model, processor

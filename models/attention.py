@@ -11,7 +11,6 @@ query/key tensors. Registering a new name touches no existing model: only models
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,8 +18,6 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
-
-logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "nuwa_sdpa"
 PROBE_ATTRIBUTE = "_nuwa_probe"

@@ -2,7 +2,8 @@
 
 Family specifics, read top to bottom:
 - Images are padded to a square with the image-mean colour before the stock processor (LLaVA-1.5's "pad" aspect
-  mode), so nothing is cropped away and a box on the model input maps back to the original pixels exactly.
+  mode), so nothing is cropped away and a box on the model input maps back to the original pixels exactly
+  (`frame_for` describes the geometry once; `prepare` applies that same geometry).
 - Salience: CLS->patch attention of the CLIP layer whose output feeds the projector (`vision_feature_layer`,
   -2 for LLaVA-1.5), summed over heads; only the CLS row is computed (see `models/attention.py`).
 - Similarity: L2-normalised mean of the middle-to-late CLIP layers (CLIP-L: hidden states 16..24).
@@ -12,7 +13,6 @@ Family specifics, read top to bottom:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,10 +20,9 @@ import torch
 from PIL import Image
 
 from models.attention import ClsRowProbe, attach_probe
-from models.base import EncodedImage, PreparedBatch, VisionLanguageAdapter
+from models.boxes import Frame
 from models.budget import PruningConfig
-
-logger = logging.getLogger(__name__)
+from models.engine import EncodedImage, PreparedBatch, VisionLanguageAdapter
 
 LLAVA_FALLBACK_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
@@ -105,64 +104,49 @@ class LlavaAdapter(VisionLanguageAdapter):
         return LLAVA_FALLBACK_TEMPLATE.format(prompt=prompt)
 
     def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> PreparedBatch:
-        squares, frames, sizes = [], [], []
+        squares, frames = [], []
         fill = self.pad_fill()
         for image in images:
             rgb = image.convert("RGB")
-            shrunk, scale = self._bounded(rgb)
-            square, (offset_x, offset_y) = expand_to_square(shrunk, fill)
-            side = float(square.size[0])
+            shrink, pad = self._geometry(rgb.size)
+            if shrink is not None:
+                rgb = rgb.resize(shrink.input_size, Image.Resampling.BILINEAR)
+            square, _ = expand_to_square(rgb, fill)
             squares.append(square)
-            # original pixel = (norm * side - offset) / scale
-            frames.append((offset_x / scale, offset_y / scale, side / scale, side / scale))
-            sizes.append(rgb.size)
+            frames.append(self.frame_for(image.size))
         texts = [self.format_prompt(prompt) for prompt in prompts]
         inputs = self.processor(images=squares, text=texts, padding=True, return_tensors="pt")
         inputs = {
             key: value.to(self.device) for key, value in inputs.items() if isinstance(value, torch.Tensor)
         }
-        side = self.input_side
-        return PreparedBatch(
-            inputs=inputs, image_sizes=sizes, model_input_sizes=[(side, side)] * len(sizes), frames=frames
-        )
+        return PreparedBatch(inputs=inputs, frames=frames)
 
-    def _bounded(self, image: Image.Image) -> tuple[Image.Image, float]:
-        """Shrink images much larger than the model input BEFORE padding to a square.
+    def _geometry(self, image_size: tuple[int, int]) -> tuple[Frame | None, Frame]:
+        """(the shrink applied before padding, or None; the pad-to-square + resize to the input side).
 
-        The square is resized to `input_side` anyway; padding a 20000 x 1 image first would allocate a
-        20000 x 20000 canvas. Bounding the long side at 2 x input_side keeps the result the same to within
-        resampling and the memory small.
+        Images much larger than the model input are shrunk BEFORE padding: the square is resized to `input_side`
+        anyway, and padding a 20000 x 1 image first would allocate a 20000 x 20000 canvas. Bounding the long side
+        at 2 x input_side keeps the result the same to within resampling and the memory small. Each side is
+        rounded on its own, so the shrink has its own scale per axis.
         """
         limit = 2 * self.input_side
-        width, height = image.size
-        if max(width, height) <= limit:
-            return image, 1.0
-        scale = limit / max(width, height)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        return image.resize(size, Image.Resampling.BILINEAR), size[0] / width if width >= height else size[
-            1
-        ] / height
+        width, height = image_size
+        shrink = None
+        if max(width, height) > limit:
+            factor = limit / max(width, height)
+            shrunk = (max(1, round(width * factor)), max(1, round(height * factor)))
+            shrink = Frame.resize(image_size, shrunk)
+            image_size = shrunk
+        return shrink, Frame.pad_to_square(image_size, self.input_side)
 
     def estimate_visual_tokens(self, image_size: tuple[int, int]) -> int:
         rows, cols = self.grid
         return rows * cols
 
-    def model_input_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        return self.input_side, self.input_side
-
-    def frame_for(self, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
-        """Same mapping as `prepare` computes, from the size alone: original = norm * extent - offset."""
-        width, height = image_size
-        limit = 2 * self.input_side
-        scale = 1.0
-        if max(width, height) > limit:
-            factor = limit / max(width, height)
-            shrunk = (max(1, round(width * factor)), max(1, round(height * factor)))
-            scale = shrunk[0] / width if width >= height else shrunk[1] / height
-            width, height = shrunk
-        side = max(width, height)
-        offset_x, offset_y = (side - width) // 2, (side - height) // 2
-        return offset_x / scale, offset_y / scale, side / scale, side / scale
+    def frame_for(self, image_size: tuple[int, int]) -> Frame:
+        """Shrink (very large images only), centred padding to a square, resize to the input side."""
+        shrink, pad = self._geometry(image_size)
+        return pad if shrink is None else shrink.then(pad)
 
     def encode_images(self, batch: PreparedBatch, configs: Sequence[PruningConfig]) -> list[EncodedImage]:
         vision_tower = self.model.model.vision_tower

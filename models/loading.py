@@ -13,13 +13,11 @@ from pathlib import Path
 
 import torch
 
-from models.base import VisionLanguageAdapter
+from models.builtin import BUILTIN_ALIASES, BUILTIN_MODEL_DIR
+from models.engine import VisionLanguageAdapter
 from models.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-
-BUILTIN_MODEL_DIR = Path(__file__).resolve().parent / "builtin" / "nuwa-tiny-llava"
-BUILTIN_ALIASES = {"builtin", "built-in", "nuwa-tiny-llava", ""}
 
 
 def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
@@ -40,7 +38,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_adapter(model_dir: str | os.PathLike[str] = "builtin", device: str = "auto") -> ModelRunner:
+def load_runner(model_dir: str | os.PathLike[str] = "builtin", device: str = "auto") -> ModelRunner:
     """Load the model + processor from a local directory and wrap them for serving.
 
     Args:
@@ -80,4 +78,4 @@ def load_adapter(model_dir: str | os.PathLike[str] = "builtin", device: str = "a
     return ModelRunner(adapter, name=path.name)
 
 
-__all__ = ["BUILTIN_MODEL_DIR", "load_adapter", "resolve_device", "resolve_model_dir"]
+__all__ = ["load_runner", "resolve_device", "resolve_model_dir"]

@@ -13,13 +13,10 @@ Conventions:
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 from torch import Tensor
-
-logger = logging.getLogger(__name__)
 
 
 def attention_row(query: Tensor, key: Tensor, scaling: float, key_mask: Tensor | None = None) -> Tensor:

@@ -15,7 +15,6 @@ Family specifics, read top to bottom:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,10 +26,9 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.vision_utils import get_vision_window_index
 
 from models.attention import ColumnSumProbe, attach_probe
-from models.base import EncodedImage, PreparedBatch, VisionLanguageAdapter
+from models.boxes import Frame
 from models.budget import PruningConfig
-
-logger = logging.getLogger(__name__)
+from models.engine import EncodedImage, PreparedBatch, VisionLanguageAdapter
 
 QWEN_FALLBACK_TEMPLATE = (
     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n"
@@ -102,19 +100,14 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
         inputs = {
             key: value.to(self.device) for key, value in inputs.items() if isinstance(value, torch.Tensor)
         }
-        input_sizes = [
-            (int(w) * self.patch_size, int(h) * self.patch_size)
-            for _, h, w in inputs["image_grid_thw"].tolist()
+        frames = [
+            Frame.resize(image.size, (int(w) * self.patch_size, int(h) * self.patch_size))
+            for image, (_, h, w) in zip(rgb_images, inputs["image_grid_thw"].tolist(), strict=True)
         ]
-        frames = [(0.0, 0.0, float(image.size[0]), float(image.size[1])) for image in rgb_images]
-        return PreparedBatch(
-            inputs=inputs,
-            image_sizes=[image.size for image in rgb_images],
-            model_input_sizes=input_sizes,
-            frames=frames,
-        )
+        return PreparedBatch(inputs=inputs, frames=frames)
 
-    def model_input_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+    def frame_for(self, image_size: tuple[int, int]) -> Frame:
+        """The processor's smart resize (sides multiples of patch x merge, pixels within min/max_pixels)."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         image_processor = self.processor.image_processor
@@ -127,15 +120,12 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
             min_pixels=size.get("shortest_edge", 56 * 56),
             max_pixels=size.get("longest_edge", 28 * 28 * 1280),
         )
-        return width, height
+        return Frame.resize(image_size, (width, height))
 
     def estimate_visual_tokens(self, image_size: tuple[int, int]) -> int:
-        width, height = self.model_input_size(image_size)
+        width, height = self.frame_for(image_size).input_size
         factor = self.patch_size * self.merge_size
         return (width // factor) * (height // factor)
-
-    def frame_for(self, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
-        return 0.0, 0.0, float(image_size[0]), float(image_size[1])
 
     def encode_images(self, batch: PreparedBatch, configs: Sequence[PruningConfig]) -> list[EncodedImage]:
         visual = self.model.model.visual

@@ -1,14 +1,13 @@
 """Task-level entry point for the serving worker: images + queries in, answers / boxes / reports out.
 
-`ModelRunner` owns one family adapter and knows the checkpoint's conventions: how to phrase a grounding request,
-which box format the model emits (`models/grounding.py`), and how to map a box on the model input back to the
-original image (LLaVA pads to a square, Qwen resizes). The worker only calls `run`, `warmup` and the size
+`ModelRunner` owns one family adapter and knows the checkpoint's conventions: how to phrase a grounding request and
+which box format the model emits (`models/boxes.py`); each sample's `Frame` (from the adapter, which knows how it
+framed the image) maps the boxes back to original pixels. The worker only calls `run`, `warmup` and the size
 estimators; it never touches tensors.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -16,11 +15,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from models.base import VisionLanguageAdapter
-from models.grounding import BoxFormat, grounding_prompt, parse_boxes
+from models.boxes import BoxFormat, Frame, grounding_prompt, parse_boxes
+from models.engine import VisionLanguageAdapter
 from models.tasks import BatchTimings, Box, TaskRequest, TaskResult
-
-logger = logging.getLogger(__name__)
 
 VQA_SUFFIX = {
     "loc_tokens": "",
@@ -53,26 +50,9 @@ class ModelRunner:
         """Unpruned visual tokens for an image of (w, h), from the size alone (admission control)."""
         return int(self.adapter.estimate_visual_tokens(image_size))
 
-    def model_input_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        return self.adapter.model_input_size(image_size)
-
-    def input_to_original(
-        self, box_norm: tuple[float, float, float, float], image_size: tuple[int, int]
-    ) -> tuple[float, float, float, float]:
-        """A box in 0..1 of the model input -> original pixels (clipped to the image)."""
-        offset_x, offset_y, extent_x, extent_y = self.adapter.frame_for(image_size)
-        width, height = image_size
-        x1, y1, x2, y2 = box_norm
-
-        def clip(value: float, limit: int) -> float:
-            return min(max(value, 0.0), float(limit))
-
-        return (
-            clip(x1 * extent_x - offset_x, width),
-            clip(y1 * extent_y - offset_y, height),
-            clip(x2 * extent_x - offset_x, width),
-            clip(y2 * extent_y - offset_y, height),
-        )
+    def frame_for(self, image_size: tuple[int, int]) -> Frame:
+        """Where an original image of (w, h) will sit in the model input, from the size alone."""
+        return self.adapter.frame_for(image_size)
 
     def prompt_for(self, task: TaskRequest) -> str:
         if task.kind == "ground":
@@ -106,10 +86,10 @@ class ModelRunner:
             raw = tokenizer.decode(ids, skip_special_tokens=False)
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
             raw = _strip_end_tokens(raw, tokenizer)
-            image_size = batch.image_sizes[b]
+            frame = batch.frames[b]
             boxes: tuple[Box, ...] = ()
             if task.kind == "ground":
-                boxes = tuple(self._boxes(raw, task.text, image_size, batch.model_input_sizes[b]))
+                boxes = tuple(self._boxes(raw, task.text, frame))
                 if self.box_format == "loc_tokens":
                     text = raw
             results.append(
@@ -118,8 +98,7 @@ class ModelRunner:
                     raw_output=raw,
                     boxes=boxes,
                     report=output.reports[b],
-                    image_size=image_size,
-                    model_input_size=batch.model_input_sizes[b],
+                    frame=frame,
                     prompt_tokens=output.prompt_tokens[b],
                     completion_tokens=len(ids),
                 )
@@ -133,13 +112,11 @@ class ModelRunner:
             decode=timings.get("decode", 0.0),
         )
 
-    def _boxes(
-        self, raw: str, label: str, image_size: tuple[int, int], input_size: tuple[int, int]
-    ) -> list[Box]:
-        width, height = image_size
+    def _boxes(self, raw: str, label: str, frame: Frame) -> list[Box]:
+        width, height = frame.original_size
         boxes = []
-        for parsed in parse_boxes(raw, self.box_format, input_size, label=label):
-            xyxy = self.input_to_original(parsed.xyxy_norm, image_size)
+        for parsed in parse_boxes(raw, self.box_format, frame.input_size, label=label):
+            xyxy = frame.clip(frame.to_original(parsed.xyxy_norm))
             if xyxy[2] - xyxy[0] <= 0 or xyxy[3] - xyxy[1] <= 0:
                 continue
             norm = (xyxy[0] / width, xyxy[1] / height, xyxy[2] / width, xyxy[3] / height)

@@ -14,7 +14,6 @@ run they return immediately, so the model behaves as stock transformers.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +22,6 @@ from torch import nn
 
 from models.attention import QueryRowProbe, attach_probe
 from models.pruning import select_topk
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,12 +151,12 @@ class LayerDropController:
             if run is None:
                 return None
             if run.decoding:
-                return self._decode_step(layer_index, args, kwargs)
-            return self._prefill_step(layer_index, args, kwargs)
+                return self._decode_hook(layer_index, args, kwargs)
+            return self._prefill_hook(layer_index, args, kwargs)
 
         return hook
 
-    def _prefill_step(self, layer_index: int, args: tuple, kwargs: dict[str, Any]):
+    def _prefill_hook(self, layer_index: int, args: tuple, kwargs: dict[str, Any]):
         run = self._require_run()
         hidden = args[0] if args else kwargs["hidden_states"]
         if layer_index in run.drop_layers:
@@ -272,7 +269,7 @@ class LayerDropController:
             kwargs["position_ids"] = _gather_rows(kwargs["position_ids"], layout.index)
         return kwargs
 
-    def _decode_step(self, layer_index: int, args: tuple, kwargs: dict[str, Any]):
+    def _decode_hook(self, layer_index: int, args: tuple, kwargs: dict[str, Any]):
         run = self._require_run()
         segment_start = max((layer for layer in run.segment_layout if layer <= layer_index), default=None)
         if segment_start is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from models.boxes import Frame
 from models.budget import PruningConfig
 
 TaskKind = Literal["ground", "answer", "chat"]
@@ -86,8 +87,7 @@ class TaskResult:
         raw_output: the decoded text with special tokens kept (what the model literally emitted).
         boxes: parsed boxes in original pixels, best first (grounding only; empty when none was produced).
         report: the visual-token report.
-        image_size: (width, height) of the original image.
-        model_input_size: (width, height) of the image the vision encoder saw.
+        frame: where the original image sat in the model input (maps any model-input box or grid cell back).
         prompt_tokens: prompt length in tokens BEFORE pruning (text + visual).
         completion_tokens: generated tokens (up to and including EOS).
     """
@@ -96,10 +96,19 @@ class TaskResult:
     raw_output: str
     boxes: tuple[Box, ...]
     report: VisualTokenReport
-    image_size: tuple[int, int]
-    model_input_size: tuple[int, int]
+    frame: Frame
     prompt_tokens: int
     completion_tokens: int
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of the original image."""
+        return self.frame.original_size
+
+    @property
+    def model_input_size(self) -> tuple[int, int]:
+        """(width, height) of the image the vision encoder saw."""
+        return self.frame.input_size
 
 
 @dataclass(frozen=True)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 import uvicorn
 
 from service.app import create_app
 from service.logs import configure_logging
 from service.server import DrainingServer
 from service.settings import Settings
-
-logger = logging.getLogger(__name__)
 
 
 def main() -> None:

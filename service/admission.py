@@ -14,15 +14,12 @@ when the queue is at its hard bound does admission answer 429. The response says
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from models.budget import PruningConfig, keep_ratio_of
 from service.errors import QueueFullError
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)

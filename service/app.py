@@ -6,7 +6,6 @@ heavy happens at import: the model loads in the worker process after spawn.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,8 +22,6 @@ from service.protocol import ChatCompletionRequest
 from service.routes import chat, ops, tasks
 from service.settings import Settings
 from service.supervisor import Supervisor
-
-logger = logging.getLogger(__name__)
 
 DESCRIPTION = """Visual grounding and VQA with a per-request visual-token budget (Nüwa pruning).
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import logging
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,8 +11,6 @@ from service.errors import UnauthorizedError
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.supervisor import Supervisor
-
-logger = logging.getLogger(__name__)
 
 
 def get_settings(request: Request) -> Settings:

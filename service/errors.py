@@ -2,20 +2,17 @@
 
 Each failure a client can cause or meet has its own class with a fixed HTTP status and a stable `code`, so the
 routes raise meaning ("queue full") and this module alone decides the wire format. Unknown exceptions become a
-500 with the request id; the traceback goes to the log, never to the client.
+500 with the request id in the request-context middleware; the traceback goes to the log, never to the client.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-logger = logging.getLogger(__name__)
 
 
 class NuwaError(Exception):
@@ -132,19 +129,15 @@ async def _handle_validation_error(request: Request, exc: Exception) -> JSONResp
     return error_response(request, 422, "validation_error", "; ".join(parts) or "invalid request")
 
 
-async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error in request %s", request_id_of(request))
-    return error_response(
-        request, 500, "internal_error", "internal server error; see the server log for this request id"
-    )
-
-
 def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers so every error, expected or not, leaves in the one JSON shape."""
+    """Register the handlers of every EXPECTED error, so each leaves in the one JSON shape.
+
+    Unexpected exceptions are not handled here: they propagate to `service.middleware.RequestContextMiddleware`,
+    the outermost layer the app controls, which logs them and answers the JSON 500 with the request id.
+    """
     app.add_exception_handler(NuwaError, _handle_nuwa_error)
     app.add_exception_handler(StarletteHTTPException, _handle_http_exception)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
-    app.add_exception_handler(Exception, _handle_unexpected)
 
 
 __all__ = [

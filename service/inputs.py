@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -25,8 +24,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaError
-
-logger = logging.getLogger(__name__)
 
 SUPPORTED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
 """PIL format names accepted as input (GIF and animated WebP: first frame)."""

@@ -17,9 +17,6 @@ from dataclasses import dataclass
 
 from models.tasks import BatchTimings, TaskRequest, TaskResult
 
-Cell = tuple[int, int]
-PixelBox = tuple[float, float, float, float]
-
 
 @dataclass(frozen=True)
 class WorkItem:
@@ -29,13 +26,11 @@ class WorkItem:
         request_id: The API's request id (echoed in logs on both sides).
         task: Image + query + pruning config.
         deadline: `time.monotonic()` after which the worker must not start it (same clock in both processes).
-        want_cells: Also return where each kept visual-token cell lies in original pixels (for `?render=png`).
     """
 
     request_id: str
     task: TaskRequest
     deadline: float
-    want_cells: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,14 +53,12 @@ class ItemResult:
         result: The model's answer and visual-token report.
         timings: Seconds per stage of the (sub-)batch this request ran in.
         batch_size: Requests in that (sub-)batch.
-        cells: For `want_cells` requests: each kept-at-stage-1 grid cell (row, col) with its box in original pixels.
     """
 
     request_id: str
     result: TaskResult
     timings: BatchTimings
     batch_size: int
-    cells: tuple[tuple[Cell, PixelBox], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,8 +83,8 @@ class WorkerReady:
 
     Attributes:
         pid: Worker process id.
-        model_name: `adapter.name`.
-        device: `adapter.device`, e.g. "cpu" or "cuda:0".
+        model_name: `ModelRunner.name` (the model directory's name).
+        device: `ModelRunner.device`, e.g. "cpu" or "cuda:0".
         load_s: Seconds to load the model.
         warmup_s: Seconds of the warm-up forward.
         fallback_visual_tokens: Estimate used for admission if an estimate query times out (a large image's).
@@ -138,13 +131,11 @@ class PingReply:
 
 __all__ = [
     "BatchDone",
-    "Cell",
     "EstimateQuery",
     "EstimateReply",
     "ItemResult",
     "PingQuery",
     "PingReply",
-    "PixelBox",
     "RunBatch",
     "Shutdown",
     "WorkItem",

@@ -8,13 +8,9 @@ serving-anchors). Names follow Prometheus rules: prefix `nuwa_`, base units (`_s
 
 from __future__ import annotations
 
-import logging
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from models.tasks import BatchTimings, VisualTokenReport
-
-logger = logging.getLogger(__name__)
 
 STAGES = ("preprocess", "vision", "prune", "prefill", "decode")
 """Worker stages reported per request and recorded in `nuwa_stage_seconds{stage}`."""

@@ -8,7 +8,6 @@ mistake gets the documented status: 400 for missing or malformed fields, 415 for
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 from dataclasses import dataclass
@@ -18,11 +17,10 @@ import pydantic
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
-from models.budget import METHODS, PruningConfig
+from models.budget import PruningConfig
+from models.methods import method_names
 from service.errors import BadRequestError, UnsupportedMediaError, ValidationFailedError
 from service.settings import Settings
-
-logger = logging.getLogger(__name__)
 
 _INT_RE = re.compile(r"^[+]?\d+$")
 _MAX_FORM_FIELDS = 16
@@ -164,10 +162,12 @@ def build_config(budget: Any, method: Any, settings: Settings) -> PruningConfig:
     elif isinstance(method, str):
         method_name = method.strip().lower()
     else:
-        raise ValidationFailedError(f"method must be a string, one of {list(METHODS)}", code="invalid_method")
-    if method_name not in METHODS:
         raise ValidationFailedError(
-            f"unknown method {method!r}; expected one of {list(METHODS)}", code="invalid_method"
+            f"method must be a string, one of {list(method_names())}", code="invalid_method"
+        )
+    if method_name not in method_names():
+        raise ValidationFailedError(
+            f"unknown method {method!r}; expected one of {list(method_names())}", code="invalid_method"
         )
     explicit_all = isinstance(budget, str) and budget.strip().lower() in ("all", "none")
     parsed = parse_budget(budget)

@@ -7,12 +7,9 @@ extra fields, as OpenAI does, and the route logs which ones it ignored.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-logger = logging.getLogger(__name__)
 
 
 class ErrorInfo(BaseModel):

@@ -2,29 +2,44 @@
 
 For people who would rather look than read: cells fed to the LLM (stage 1) get a light tint, cells kept to the
 end (stage 2) a stronger one, everything pruned stays as it was; boxes are outlined on top with their label.
-The worker supplies each kept cell's box in original pixels (it knows how the model framed the image), so this
-module only draws.
+A cell of the token grid is a box on the model input; the result's `Frame` (how the model framed the image) maps
+it to original pixels, so the overlay lines up with the picture whatever the resize or padding was.
 """
 
 from __future__ import annotations
 
 import io
-import logging
 from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
 
-logger = logging.getLogger(__name__)
+from models.boxes import Frame
 
 STAGE1_TINT = (0, 170, 255, 70)
 STAGE2_TINT = (0, 120, 255, 120)
 BOX_COLOUR = (255, 0, 160)
 
 
+def cell_boxes(
+    frame: Frame, grid: tuple[int, int], cells: Sequence[tuple[int, int]]
+) -> list[tuple[tuple[int, int], tuple[float, float, float, float]]]:
+    """Each (row, col) cell of the visual-token grid over the model input, as a box in original pixels (clipped)."""
+    rows, cols = grid
+    return [
+        (
+            (row, col),
+            frame.clip(frame.to_original((col / cols, row / rows, (col + 1) / cols, (row + 1) / rows))),
+        )
+        for row, col in cells
+    ]
+
+
 def render_overlay(
     image: Image.Image,
     boxes: Sequence[tuple[str, Sequence[float]]],
-    cells: Sequence[tuple[tuple[int, int], Sequence[float]]],
+    frame: Frame,
+    grid: tuple[int, int],
+    kept_stage1: Sequence[tuple[int, int]],
     kept_stage2: Sequence[tuple[int, int]],
 ) -> bytes:
     """Draw the overlay and encode it as PNG.
@@ -32,8 +47,10 @@ def render_overlay(
     Args:
         image: The upright RGB input image.
         boxes: (label, [x1, y1, x2, y2] original pixels), best first.
-        cells: ((row, col), [x1, y1, x2, y2] original pixels) of each cell kept at stage 1.
-        kept_stage2: (row, col) of the cells kept after stage 2 (a subset of `cells`).
+        frame: Where the image sat in the model input.
+        grid: (rows, cols) of the visual-token grid.
+        kept_stage1: (row, col) of each cell fed to the LLM.
+        kept_stage2: (row, col) of the cells kept after stage 2 (a subset of `kept_stage1`).
 
     Returns:
         PNG bytes of an image of the same size as `image`.
@@ -42,7 +59,7 @@ def render_overlay(
     overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
     final = {tuple(cell) for cell in kept_stage2}
-    for cell, (x1, y1, x2, y2) in cells:
+    for cell, (x1, y1, x2, y2) in cell_boxes(frame, grid, kept_stage1):
         if x2 - x1 < 1e-6 or y2 - y1 < 1e-6:
             continue  # a cell of the padding: nothing of the original image lies under it
         tint = STAGE2_TINT if tuple(cell) in final else STAGE1_TINT
@@ -62,4 +79,4 @@ def render_overlay(
     return buffer.getvalue()
 
 
-__all__ = ["render_overlay"]
+__all__ = ["cell_boxes", "render_overlay"]

@@ -107,7 +107,6 @@ async def run_task(
     text: str,
     config: PruningConfig,
     max_new_tokens: int,
-    want_cells: bool = False,
     min_budget: int | float | None = None,
 ) -> Completed:
     """Admit, decode, queue and await one request (see the module docstring for the order).
@@ -148,7 +147,6 @@ async def run_task(
                     image=image, kind=kind, text=text, config=config, max_new_tokens=max_new_tokens
                 ),
                 deadline=deadline,
-                want_cells=want_cells,
             )
             submission = supervisor.submit(item, ticket)
             outcome = await _await_outcome(request, supervisor, submission, deadline, timeout_s)

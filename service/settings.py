@@ -7,19 +7,13 @@ the configuration the API process validated. Every field is documented in docs/A
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.budget import METHODS
-
-logger = logging.getLogger(__name__)
-
-BUILTIN_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "builtin" / "nuwa-tiny-llava"
-"""The built-in model directory shipped with the repository (the default `NUWA_MODEL`)."""
+from models.builtin import BUILTIN_MODEL_DIR
+from models.methods import method_names
 
 
 class Settings(BaseSettings):
@@ -139,8 +133,8 @@ class Settings(BaseSettings):
         # Fail at start-up, not on the first request, when the default request config is invalid.
         from models.budget import PruningConfig
 
-        if self.default_method not in METHODS:
-            raise ValueError(f"default_method must be one of {METHODS}, got {self.default_method!r}")
+        if self.default_method not in method_names():
+            raise ValueError(f"default_method must be one of {method_names()}, got {self.default_method!r}")
         PruningConfig(method=self.default_method, budget=self.default_budget)
         if self.degrade_queue_start > 0 and self.degrade_queue_full_depth < self.degrade_queue_start:
             raise ValueError(
@@ -160,4 +154,4 @@ class Settings(BaseSettings):
         return self.max_wait_ms / 1000.0
 
 
-__all__ = ["BUILTIN_MODEL_DIR", "Settings"]
+__all__ = ["Settings"]

@@ -18,19 +18,17 @@ import threading
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING
 
 from service.batching import run_splitting
 from service.logs import configure_logging
 from service.messages import (
     BatchDone,
-    Cell,
     EstimateQuery,
     EstimateReply,
     ItemResult,
     PingQuery,
     PingReply,
-    PixelBox,
     RunBatch,
     Shutdown,
     WorkerFailure,
@@ -39,6 +37,9 @@ from service.messages import (
     WorkItem,
 )
 from service.settings import Settings
+
+if TYPE_CHECKING:  # the API process imports this module for `run_worker` and must not load torch
+    from models.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +56,13 @@ def run_worker(settings: Settings, batch_conn: Connection, ctrl_conn: Connection
     # Ctrl+C in a terminal reaches the whole process group; the API process decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        adapter, ready = _load(settings)
+        runner, ready = _load(settings)
     except Exception as exc:  # any load failure is reported as data, then the process exits non-zero
         logger.exception("worker failed to start")
         _send_quietly(batch_conn, WorkerStartFailed(message=f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
     threading.Thread(
-        target=_serve_control, args=(adapter, ctrl_conn), name="nuwa-control", daemon=True
+        target=_serve_control, args=(runner, ctrl_conn), name="nuwa-control", daemon=True
     ).start()
     batch_conn.send(ready)
     logger.info(
@@ -79,38 +80,38 @@ def run_worker(settings: Settings, batch_conn: Connection, ctrl_conn: Connection
         if isinstance(message, Shutdown):
             break
         if isinstance(message, RunBatch):
-            outcomes = run_batch(adapter, message.items)
+            outcomes = run_batch(runner, message.items)
             batch_conn.send(BatchDone(batch_id=message.batch_id, outcomes=tuple(outcomes)))
         else:
             logger.error("worker ignored an unknown message %s", type(message).__name__)
     logger.info("worker exiting")
 
 
-def _load(settings: Settings) -> tuple[Any, WorkerReady]:
+def _load(settings: Settings) -> tuple[ModelRunner, WorkerReady]:
     import torch
 
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
-    from models.loading import load_adapter
+    from models.loading import load_runner
 
     started = time.monotonic()
-    adapter = load_adapter(settings.model, device=settings.device)
+    runner = load_runner(settings.model, device=settings.device)
     loaded = time.monotonic()
-    adapter.warmup()
+    runner.warmup()
     warmed = time.monotonic()
     side = max(1, math.isqrt(settings.max_image_pixels))
     ready = WorkerReady(
         pid=os.getpid(),
-        model_name=str(adapter.name),
-        device=str(adapter.device),
+        model_name=runner.name,
+        device=runner.device,
         load_s=loaded - started,
         warmup_s=warmed - loaded,
-        fallback_visual_tokens=int(adapter.estimate_visual_tokens((side, side))),
+        fallback_visual_tokens=runner.estimate_visual_tokens((side, side)),
     )
-    return adapter, ready
+    return runner, ready
 
 
-def run_batch(adapter: Any, items: Sequence[WorkItem]) -> list[ItemResult | WorkerFailure]:
+def run_batch(runner: ModelRunner, items: Sequence[WorkItem]) -> list[ItemResult | WorkerFailure]:
     """Run one batch: refuse items past their deadline, run the rest split-on-failure, keep the input order."""
     now = time.monotonic()
     outcomes: dict[str, ItemResult | WorkerFailure] = {}
@@ -124,17 +125,11 @@ def run_batch(adapter: Any, items: Sequence[WorkItem]) -> list[ItemResult | Work
             live.append(item)
 
     def run(batch: Sequence[WorkItem]) -> list[ItemResult]:
-        results, timings = adapter.run([item.task for item in batch])
+        results, timings = runner.run([item.task for item in batch])
         if len(results) != len(batch):
-            raise RuntimeError(f"adapter returned {len(results)} results for {len(batch)} requests")
+            raise RuntimeError(f"the runner returned {len(results)} results for {len(batch)} requests")
         return [
-            ItemResult(
-                request_id=item.request_id,
-                result=result,
-                timings=timings,
-                batch_size=len(batch),
-                cells=_kept_cells(adapter, result) if item.want_cells else None,
-            )
+            ItemResult(request_id=item.request_id, result=result, timings=timings, batch_size=len(batch))
             for item, result in zip(batch, results, strict=True)
         ]
 
@@ -172,28 +167,7 @@ def _before_retry(exc: BaseException) -> None:
             torch.cuda.empty_cache()
 
 
-def _kept_cells(adapter: Any, result: Any) -> tuple[tuple[Cell, PixelBox], ...]:
-    """Original-pixel box of every grid cell kept at stage 1 (stage-2 cells are a subset), for the PNG render."""
-    rows, cols = result.report.grid
-    to_original = getattr(adapter, "input_to_original", None)
-    width, height = result.image_size
-    cells = []
-    for row, col in result.report.kept_stage1:
-        box_norm = (col / cols, row / rows, (col + 1) / cols, (row + 1) / rows)
-        if to_original is not None:
-            x1, y1, x2, y2 = (float(v) for v in to_original(box_norm, result.image_size))
-        else:  # plain resize frame
-            x1, y1, x2, y2 = (
-                box_norm[0] * width,
-                box_norm[1] * height,
-                box_norm[2] * width,
-                box_norm[3] * height,
-            )
-        cells.append(((int(row), int(col)), (x1, y1, x2, y2)))
-    return tuple(cells)
-
-
-def _serve_control(adapter: Any, conn: Connection) -> None:
+def _serve_control(runner: ModelRunner, conn: Connection) -> None:
     """Answer admission estimates and health pings while the main thread runs batches."""
     while True:
         try:
@@ -203,13 +177,13 @@ def _serve_control(adapter: Any, conn: Connection) -> None:
         if isinstance(message, EstimateQuery):
             reply: EstimateReply | PingReply
             try:
-                tokens = int(adapter.estimate_visual_tokens(message.image_size))
-                input_size = tuple(int(v) for v in adapter.model_input_size(message.image_size))
-                reply = EstimateReply(message.query_id, tokens, (input_size[0], input_size[1]))
+                tokens = runner.estimate_visual_tokens(message.image_size)
+                width, height = runner.frame_for(message.image_size).input_size
+                reply = EstimateReply(message.query_id, tokens, (int(width), int(height)))
             except Exception as exc:
                 reply = EstimateReply(message.query_id, 0, (0, 0), error=f"{type(exc).__name__}: {exc}")
         elif isinstance(message, PingQuery):
-            ok, detail = _check_device(str(adapter.device))
+            ok, detail = _check_device(runner.device)
             reply = PingReply(message.query_id, ok, detail)
         else:
             continue

@@ -32,6 +32,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from models.builtin.tokenizer import CHAT_TEMPLATE, LOC_TOKENS, build_tokenizer
@@ -42,8 +43,6 @@ IMAGE_SIZE = 336
 PATCH_SIZE = 28
 GRID_SIDE = IMAGE_SIZE // PATCH_SIZE
 NUM_IMAGE_TOKENS = GRID_SIDE * GRID_SIDE  # 144; the CLS token is dropped ("default" strategy)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DEFAULT_VISION: dict[str, Any] = {
     "image_size": IMAGE_SIZE,
@@ -86,8 +85,8 @@ def build_processor() -> LlavaProcessor:
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
     )
     return LlavaProcessor(
         image_processor=image_processor,

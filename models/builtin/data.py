@@ -23,7 +23,6 @@ Curriculum stages (`STAGES`), each trained from the previous stage's checkpoint:
 
 from __future__ import annotations
 
-import logging
 import random
 import re
 from collections.abc import Iterator
@@ -33,13 +32,12 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from models import scenes
-from models.builtin.build import CLIP_MEAN, CLIP_STD, GRID_SIDE, IMAGE_SIZE, NUM_IMAGE_TOKENS
+from models.boxes import grounding_prompt, quantize
+from models.builtin import scenes
+from models.builtin.build import GRID_SIDE, IMAGE_SIZE, NUM_IMAGE_TOKENS
 from models.builtin.tokenizer import LOC_TOKENS
-from models.grounding import grounding_prompt, quantize
-
-logger = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = ("single", "color", "color_shape", "all")
 IGNORE_INDEX = -100
@@ -57,8 +55,8 @@ PROMPT_ATTRIBUTE_CLASSES: tuple[int, ...] = (
 )
 """Classes per prompt attribute (colour, shape, extreme), each with 0 = "not named in the prompt"."""
 _WORD = re.compile(r"[a-z]+")
-_MEAN = np.asarray(CLIP_MEAN, dtype=np.float32) * 255.0
-_INV_STD = 1.0 / (np.asarray(CLIP_STD, dtype=np.float32) * 255.0)
+_MEAN = np.asarray(OPENAI_CLIP_MEAN, dtype=np.float32) * 255.0
+_INV_STD = 1.0 / (np.asarray(OPENAI_CLIP_STD, dtype=np.float32) * 255.0)
 
 
 @dataclass(frozen=True)

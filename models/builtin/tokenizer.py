@@ -1,14 +1,14 @@
 """The built-in model's tokenizer: a small byte-level BPE trained offline, wrapped as a transformers tokenizer.
 
 No tokenizer can be downloaded here, so one is trained in about a second with `tokenizers` on text generated
-from the scene grammar (shared/specs/scenes.md, words from models.scenes) plus the chat template and a little general English. Byte-level
+from the scene grammar (shared/specs/scenes.md, words from models.builtin.scenes) plus the chat template and a little general English. Byte-level
 BPE means any text still encodes (unknown words fall back to bytes), while the scene vocabulary gets whole-word
 tokens, which keeps prompts short for a CPU model.
 
 Special tokens (each one id, never split):
     ``<s>`` bos (prepended by the post-processor, as Llama does), ``</s>`` eos (ends every answer),
     ``<pad>``, ``<image>`` (the LLaVA placeholder the processor repeats once per visual token) and the 1000
-    Florence-2 location tokens ``<loc_0>`` .. ``<loc_999>`` (see models/grounding.py), given contiguous ids so
+    Florence-2 location tokens ``<loc_0>`` .. ``<loc_999>`` (see models/boxes.py), given contiguous ids so
     the trainer can address them as one slice of the vocabulary.
 
 Chat format is LLaVA-1.5's: ``USER: <image>\\n{text} ASSISTANT: {answer}</s>``; generation prompts end at
@@ -24,8 +24,8 @@ from collections.abc import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from models.grounding import LOC_BINS
-from models.scenes import COLORS, EXTREMES, SHAPES
+from models.boxes import LOC_BINS
+from models.builtin.scenes import COLORS, EXTREMES, SHAPES
 
 logger = logging.getLogger(__name__)
 

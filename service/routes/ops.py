@@ -8,7 +8,6 @@ while draining.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -19,8 +18,6 @@ from service.deps import MetricsDep, SupervisorDep
 from service.errors import error_response
 from service.protocol import ErrorResponse, HealthResponse, ReadyResponse
 from service.supervisor import WorkerState
-
-logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["operations"])
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from models.budget import METHODS
+from models.methods import method_names
 from service.deps import ApiKeyDep, MetricsDep, SupervisorDep
 from service.errors import ValidationFailedError
 from service.parsing import build_config, parse_min_budget, read_task_input, require_text
@@ -30,8 +29,6 @@ from service.serving import (
     timing_ms,
     visual_tokens,
 )
-
-logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["grounding"], dependencies=[ApiKeyDep])
 
@@ -58,7 +55,7 @@ def _request_body(json_model: type[Any], text_field: str) -> dict[str, Any]:
             "image": {"type": "string", "format": "binary", "description": "PNG, JPEG, WebP, GIF or BMP"},
             text_field: {"type": "string"},
             "budget": {"type": "string", "description": "64 (average visual tokens) or 0.25 (keep ratio)"},
-            "method": {"type": "string", "enum": list(METHODS)},
+            "method": {"type": "string", "enum": list(method_names())},
             "min_budget": {
                 "type": "string",
                 "description": "lowest budget load-adaptive degradation may apply, e.g. 32 or 0.25",
@@ -128,7 +125,6 @@ async def _read_and_run(
     *,
     field: str,
     kind: str,
-    want_cells: bool = False,
 ):
     """Shared by /ground and /answer: admission check, input parsing and validation, then the queued run.
 
@@ -150,7 +146,6 @@ async def _read_and_run(
         text=text,
         config=config,
         max_new_tokens=settings.max_new_tokens,
-        want_cells=want_cells,
         min_budget=min_budget,
     )
     return text, completed
@@ -177,9 +172,7 @@ async def ground(
     want_png = _wants_png(request, render)
     want_kept = _wants_kept_tokens(include)
     try:
-        phrase, completed = await _read_and_run(
-            request, supervisor, metrics, field="phrase", kind="ground", want_cells=want_png
-        )
+        phrase, completed = await _read_and_run(request, supervisor, metrics, field="phrase", kind="ground")
     except ClientGoneError:
         return Response(status_code=499)
     result = completed.outcome.result
@@ -191,7 +184,9 @@ async def ground(
             render_overlay,
             completed.image,
             [(box.label, box.xyxy) for box in result.boxes],
-            completed.outcome.cells or (),
+            result.frame,
+            result.report.grid,
+            result.report.kept_stage1,
             result.report.kept,
         )
         return Response(content=png, media_type="image/png", headers={"X-Boxes": str(len(boxes))})

@@ -100,7 +100,7 @@ def test_env_names_are_service_settings_and_validate() -> None:
 
 def test_builtin_model_is_baked_in_where_the_service_looks() -> None:
     """NUWA_MODEL defaults to the copied built-in model, at the path service/settings.py derives itself."""
-    from service.settings import BUILTIN_MODEL_DIR
+    from models.builtin import BUILTIN_MODEL_DIR
 
     stage = final_stage(DOCKERFILE)
     workdir = [args for keyword, args in stage if keyword == "WORKDIR"][-1]
@@ -125,7 +125,50 @@ def test_copy_sources_exist_and_are_in_the_build_context() -> None:
             assert not dockerignore_excludes(source), f"COPY source {source} is excluded by .dockerignore"
             if (REPO / source).is_dir():
                 files = [p for p in (REPO / source).rglob("*.py") if "__pycache__" not in p.parts]
-                assert files and not any(dockerignore_excludes(p.relative_to(REPO).as_posix()) for p in files)
+                shipped = [p for p in files if not dockerignore_excludes(p.relative_to(REPO).as_posix())]
+                assert shipped and (REPO / source / "__init__.py") in shipped, source
+
+
+def test_build_context_serves_the_builtin_model(tmp_path: Path) -> None:
+    """Exactly what .dockerignore lets into the image loads the built-in model and answers a warm-up forward,
+    and the built-in model's training code and the retention study stay out of it."""
+    context = tmp_path / "context"
+    for path in REPO.rglob("*"):
+        relative = path.relative_to(REPO).as_posix()
+        if (
+            not path.is_file()
+            or ".venv" in path.parts
+            or ".git" in path.parts
+            or dockerignore_excludes(relative)
+        ):
+            continue
+        target = context / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    assert (context / "models" / "engine.py").is_file()
+    assert not (context / "models" / "builtin" / "train").exists()
+    assert not (context / "models" / "eval").exists()
+    code = (
+        "import service.app, service.worker\n"
+        "from models.loading import load_runner\n"
+        "runner = load_runner('builtin', device='cpu')\n"
+        "runner.warmup()\n"
+        "import models.engine\n"
+        "print(models.engine.__file__)\n"
+        "print(runner.name)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=context,
+        env={"PYTHONPATH": str(context), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    *_, engine_file, name = result.stdout.strip().splitlines()
+    assert engine_file == str(context / "models" / "engine.py")
+    assert name == "nuwa-tiny-llava"
 
 
 def test_dockerignore_keeps_local_state_out() -> None:

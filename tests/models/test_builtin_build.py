@@ -19,7 +19,8 @@ from transformers import (
     LlavaProcessor,
 )
 
-from models import scenes
+from models.boxes import parse_boxes
+from models.builtin import scenes
 from models.builtin.build import NUM_IMAGE_TOKENS, TINY_OVERRIDES, build_builtin, ordinal_code, sincos_2d
 from models.builtin.data import (
     IGNORE_INDEX,
@@ -37,10 +38,9 @@ from models.builtin.data import (
     stage_eval_examples,
 )
 from models.builtin.tokenizer import LOC_TOKENS
-from models.grounding import parse_boxes
-from models.train import (
+from models.builtin.train import (
     STATE_FILE,
-    AttentionProbe,
+    AttentionTargetLoss,
     PatchHead,
     PhraseHead,
     answer_loss,
@@ -49,8 +49,8 @@ from models.train import (
     rescale_image_tokens,
     train,
 )
-from models.training_curve import main as main_curve
-from models.training_curve import plot_curves, read_run
+from models.builtin.training_curve import main as main_curve
+from models.builtin.training_curve import plot_curves, read_run
 
 
 @pytest.fixture(scope="module")
@@ -389,7 +389,7 @@ def test_attention_probe_equals_the_eager_attention_of_its_head(processor: Llava
     torch.manual_seed(0)
     model, _ = build_builtin(None, TINY_OVERRIDES, seed=0)
     model.set_attn_implementation("eager")
-    probe = AttentionProbe(model, heads=(1,))
+    probe = AttentionTargetLoss(model, heads=(1,))
     batch = SceneBatches(
         processor.tokenizer, "color_shape", batch_size=6, seed=5, grounding_fraction=0.5
     ).batch(0)
@@ -420,7 +420,7 @@ def test_attention_probe_over_layers_heads_positions_and_questions(processor: Ll
     model.set_attn_implementation("eager")
     num_layers = len(model.model.language_model.layers)
     heads = tuple(range(model.config.text_config.num_attention_heads))
-    probe = AttentionProbe(model, layers=(0, num_layers - 1), heads=heads, positions=4)
+    probe = AttentionTargetLoss(model, layers=(0, num_layers - 1), heads=heads, positions=4)
     batch = SceneBatches(processor.tokenizer, "all", batch_size=8, seed=3, grounding_fraction=0.5).batch(0)
     targets = batch["attention_targets"]
     questions = [r for r in range(8) if not batch["target_patches"][r].any() and targets[r].any()]

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from models.budget import PruningConfig
+from models.builtin import BUILTIN_MODEL_DIR
 from models.eval import evaluate, scene_items
-from models.loading import BUILTIN_MODEL_DIR, load_adapter
+from models.loading import load_runner
 
 torch.set_num_threads(1)
 
@@ -32,7 +33,7 @@ def test_committed_checkpoint_does_not_regress():
     match = GUARD.search(MODEL_CARD.read_text())
     assert match, "docs/MODEL.md must carry a 'regression-guard: grounding=.. vqa=.. n=..' line"
     grounding, vqa, count = float(match[1]), float(match[2]), int(match[3])
-    runner = load_adapter("builtin", device="cpu")
+    runner = load_runner("builtin", device="cpu")
     assert runner.box_format == "loc_tokens"
     score = evaluate(runner, scene_items(count), "none", PruningConfig(method="none"), batch_size=25)
     assert score.grounding_total == count and score.vqa_total == count

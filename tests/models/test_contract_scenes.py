@@ -1,4 +1,4 @@
-"""The independent contract generator (`bench/contract_scenes.py`) and `models/scenes.py` must agree.
+"""The independent contract generator (`bench/contract_scenes.py`) and `models/builtin/scenes.py` must agree.
 
 They were written apart from `shared/specs/scenes.md`; where both follow the spec, every item of one is a valid item
 of the other, and the two rasterisers differ only at shape edges.
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bench import contract_scenes as independent
-from models import scenes
+from models.builtin import scenes
 from models.eval import jsonl_items
 
 SIZE = 336

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import scenes
+from models.builtin import scenes
 from models.builtin.build import TINY_OVERRIDES, build_builtin
 from models.builtin.data import official_eval_examples, stage_eval_examples
-from models.diagnose import (
+from models.builtin.diagnose import (
     FAILURE_CLASSES,
     classify_box,
     grounding_failures,
@@ -18,7 +18,7 @@ from models.diagnose import (
     heads_table,
     main,
 )
-from models.train import predicted_box
+from models.builtin.train import predicted_box
 
 SCENE = scenes.Scene(
     336,

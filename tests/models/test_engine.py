@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from models.attention import ClsRowProbe, QueryRowProbe, attach_probe
-from models.budget import METHODS, PruningConfig
+from models.budget import PruningConfig
 from models.llava import LlavaAdapter
+from models.methods import method_names
 from models.qwen2_5_vl import Qwen2_5_VLAdapter
 from tests.models.tiny import tiny_llava, tiny_qwen
 
@@ -113,7 +114,7 @@ def _unpruned_visual_positions(adapter, batch) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("budget", [0.25, 0.5, 0.75])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_layer_counts_and_original_positions(adapter, method, budget):
     batch = adapter.prepare(IMAGES[1:2], PROMPTS[1:2])
     recorder = _LayerRecorder(adapter)
@@ -160,7 +161,7 @@ def test_layer_counts_and_original_positions(adapter, method, budget):
         torch.testing.assert_close(recorder.cos[-1], expected_cos)
 
 
-CONFIGS = [PruningConfig(method=method, budget=0.5) for method in METHODS] + [
+CONFIGS = [PruningConfig(method=method, budget=0.5) for method in method_names()] + [
     PruningConfig(method="nuwa", budget=0.25),
     PruningConfig(method="nuwa", budget=0.25, stage2_scoring="last3_max"),
     PruningConfig(method="nuwa", budget=0.25, stage2_scoring="text_cosine"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import eval as retention
-from models import scenes
+from models.builtin import scenes
 from tests.models.tiny import tiny_llava
 
 torch.set_num_threads(1)

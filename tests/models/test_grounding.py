@@ -6,18 +6,16 @@ import random
 
 import pytest
 
-from models.grounding import (
+from models.boxes import (
     BOX_FORMATS,
     LOC_BINS,
+    Frame,
     ParsedBox,
     dequantize,
     grounding_prompt,
     loc_tokens_for_box,
-    pad_to_square_frame,
     parse_boxes,
     quantize,
-    resize_frame,
-    to_pixels,
 )
 
 
@@ -55,8 +53,8 @@ def test_loc_round_trip_through_padded_square(size: tuple[int, int]) -> None:
     """Original box -> padded square -> loc tokens -> parse -> original pixels, within one bin."""
     width, height = size
     side = max(width, height)
-    pad_x, pad_y = (side - width) / 2, (side - height) / 2
-    frame = pad_to_square_frame(size)
+    frame = Frame.pad_to_square(size)
+    pad_x, pad_y = frame.offset
     rng = random.Random(width * 7919 + height)
     bin_px = side / LOC_BINS
     for _ in range(200):
@@ -67,7 +65,7 @@ def test_loc_round_trip_through_padded_square(size: tuple[int, int]) -> None:
         text = loc_tokens_for_box((x1 + pad_x, y1 + pad_y, x2 + pad_x, y2 + pad_y), (side, side))
         (parsed,) = parse_boxes(f" {text}</s>", "loc_tokens", (336, 336), label="obj")
         assert parsed.label == "obj"
-        back = to_pixels(parsed.xyxy_norm, frame, size)
+        back = frame.clip(frame.to_original(parsed.xyxy_norm))
         for got, want in zip(back, (x1, y1, x2, y2), strict=True):
             assert abs(got - want) <= bin_px + 1e-9
 
@@ -115,7 +113,7 @@ def test_qwen_json_several_boxes_clip_and_default_label() -> None:
 def test_qwen_boxes_map_to_original_pixels_after_plain_resize() -> None:
     # 1000x750 original smart-resized to 644x476; the model answers in the resized frame.
     (box,) = parse_boxes('{"bbox_2d": [161, 119, 483, 357]}', "qwen2_5_vl_json", (644, 476))
-    assert to_pixels(box.xyxy_norm, resize_frame((1000, 750)), (1000, 750)) == pytest.approx(
+    assert Frame.resize((1000, 750), (644, 476)).to_original(box.xyxy_norm) == pytest.approx(
         (250.0, 187.5, 750.0, 562.5)
     )
 
@@ -124,7 +122,8 @@ def test_llava_norm_floats_and_padding_frame() -> None:
     boxes = parse_boxes("The box is [0.25, 0.30, 0.75, 0.80].", "llava_norm", (336, 336), label="x")
     assert boxes == [ParsedBox(label="x", xyxy_norm=(0.25, 0.3, 0.75, 0.8))]
     # 400x200 padded to a 400x400 square: 100 px of padding above and below.
-    back = to_pixels(boxes[0].xyxy_norm, pad_to_square_frame((400, 200)), (400, 200))
+    frame = Frame.pad_to_square((400, 200), 336)
+    back = frame.clip(frame.to_original(boxes[0].xyxy_norm))
     assert back == pytest.approx((100.0, 20.0, 300.0, 200.0))  # y2 = 320 - 100 = 220 clipped to 200
 
 

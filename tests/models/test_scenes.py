@@ -1,4 +1,4 @@
-"""Tests for models/scenes.py against /work/shared/specs/scenes.md.
+"""Tests for models/builtin/scenes.py against /work/shared/specs/scenes.md.
 
 Every rule is re-derived here from the spec text (phrase resolution, answers, pixel-centre rasterisation), not
 from the module's helpers, so a drift in the generator fails a test instead of being copied by it.
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models import scenes
-from models.scenes import (
+from models.builtin import scenes
+from models.builtin.scenes import (
     COLORS,
     EVAL_SEED,
     EVAL_SIZE,

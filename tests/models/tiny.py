@@ -19,6 +19,7 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
 )
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.clip.configuration_clip import CLIPVisionConfig
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -30,8 +31,6 @@ CORPUS = [
     "USER: ASSISTANT: describe the image in one word please yes no green purple orange yellow",
     "the leftmost rightmost topmost bottommost object shape 0 1 2 3 4 5 6 7 8 9",
 ]
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<image>"]
 QWEN_SPECIALS = [
     "<|endoftext|>",
@@ -110,8 +109,8 @@ def tiny_llava(
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
     )
     processor = LlavaProcessor(
         image_processor=image_processor,
@@ -180,8 +179,8 @@ def tiny_qwen(seed: int = 0, max_pixels: int = 224 * 224, text_layers: int = 4):
         temporal_patch_size=2,
         min_pixels=56 * 56,
         max_pixels=max_pixels,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
     )
     processor = Qwen2_5_VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model, processor

@@ -1,6 +1,6 @@
 """Fixtures that run the REAL service: `python -m service` as a subprocess on a free loopback port.
 
-The server is started by `service.launcher` exactly as `make serve` starts it (uvicorn, spawned worker, built-in
+The server is started by `tests.support.launcher` exactly as `make serve` starts it (uvicorn, spawned worker, built-in
 model), configured only through NUWA_* environment variables, and talked to over HTTP with httpx. The built-in model directory is
 used when it is committed; otherwise a random-weight model of the same architecture is built once per session
 (`python -m models.builtin.build`), so every plumbing test runs either way and only the accuracy checks need the
@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.launcher import (
-    COMMITTED_MODEL,
+from models.builtin import BUILTIN_MODEL_DIR
+from tests.support.launcher import (
     ServiceProcess,
     ServiceStartError,
     builtin_or_random_model,
@@ -39,12 +39,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_model(model_dir: Path) -> bool:
     """True when the committed (trained) built-in model is served, so answers can be checked for accuracy."""
-    return model_dir == COMMITTED_MODEL
+    return model_dir == BUILTIN_MODEL_DIR
 
 
 @dataclass
 class ServerProcess(ServiceProcess):
-    """A running `python -m service` (see `service.launcher`) with the helpers the tests use."""
+    """A running `python -m service` (see `tests.support.launcher`) with the helpers the tests use."""
 
     def client(self, api_key: str | None = API_KEY, timeout: float = 60.0) -> httpx.Client:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -9,7 +9,7 @@ import httpx
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.scenes import Scene, SceneObject, make_grounding_item, render
+from models.builtin.scenes import Scene, SceneObject, make_grounding_item, render
 from tests.service.images import encode
 
 RED_CIRCLE_BOX = (48, 64, 128, 144)

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from models.grounding import pad_to_square_frame, parse_boxes, to_pixels
-from models.scenes import iou, render
+from models.boxes import Frame, parse_boxes
+from models.builtin.scenes import iou, render
 from tests.service.helpers import RED_CIRCLE_BOX, red_circle_scene
 from tests.service.images import encode, exif_rotated_jpeg
 
@@ -93,8 +93,9 @@ def test_boxes_are_in_original_pixels(client: httpx.Client, plain_scene_found: b
     assert body["image_size"] == [width, height]
     assert body["model_input_size"] == [336, 336]
 
+    frame = Frame.pad_to_square(size, 336)
     expected = [
-        to_pixels(box.xyxy_norm, pad_to_square_frame(size), size)
+        frame.clip(frame.to_original(box.xyxy_norm))
         for box in parse_boxes(body["raw_output"], "loc_tokens", (336, 336), label="the red circle")
     ]
     expected = [box for box in expected if box[2] > box[0] and box[3] > box[1]]

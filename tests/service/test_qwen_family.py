@@ -14,10 +14,10 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
-from service.launcher import REPO
 from tests.service.conftest import ServerProcess, start_server
 from tests.service.helpers import ground, metric, scrape
 from tests.service.images import encode
+from tests.support.launcher import REPO
 
 SAVE_TINY_QWEN = (
     "import sys, torch\n"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from models.scenes import iou
-from service.launcher import REPO
+from models.builtin.scenes import iou
+from tests.support.launcher import REPO
 
 EXAMPLE = REPO / "examples" / "scene.png"
 RED_CIRCLE = (48, 64, 128, 144)

@@ -7,7 +7,8 @@ import pickle
 import pydantic
 import pytest
 
-from service.settings import BUILTIN_MODEL_DIR, Settings
+from models.builtin import BUILTIN_MODEL_DIR
+from service.settings import Settings
 
 
 def test_env_vars_are_read_with_the_prefix(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,8 +9,8 @@ wrong object. These two measurements could, and each one changed the training re
   goes to the image at all.
 
 Usage:
-    python -m models.diagnose                      # committed built-in model, first 100 evaluation items
-    python -m models.diagnose --model checkpoints/builtin-all/checkpoint --limit 200
+    python -m models.builtin.diagnose                      # committed built-in model, first 100 evaluation items
+    python -m models.builtin.diagnose --model checkpoints/builtin-all/checkpoint --limit 200
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ from transformers import (
     ProcessorMixin,
 )
 
-from models import scenes
+from models.builtin import BUILTIN_MODEL_DIR, scenes
 from models.builtin.data import Example, TokenTable, box_patch_shares, collate, official_eval_examples
-from models.loading import BUILTIN_MODEL_DIR
-from models.train import answer_start_positions, generate_answers, predicted_box
+from models.builtin.train import answer_start_positions, generate_answers, predicted_box
 
 FAILURE_CLASSES = ("correct", "right_object_imprecise", "wrong_object", "nowhere", "no_box")
 

@@ -1,10 +1,10 @@
-"""Box formats of grounding answers: one parser per model family, and the mapping back to image pixels.
+"""Boxes: each family's grounding prompt and answer format, and the one `Frame` that maps them to image pixels.
 
 Every family writes boxes differently, so the service asks each one in its own words (`grounding_prompt`)
 and reads the answer with the matching parser (`parse_boxes`). Parsers return boxes normalised to the
 *model input frame* (0..1 of the image the model actually saw: the padded square for LLaVA-style models,
-the smart-resized image for Qwen2.5-VL); the adapter, which knows how it prepared the image, maps them to
-original pixels with `to_pixels` and a frame built by `pad_to_square_frame` or `resize_frame`.
+the smart-resized image for Qwen2.5-VL); the adapter, which knows how it prepared the image, describes that with
+a `Frame`, and `Frame.to_original` maps the boxes to original pixels.
 
 Formats:
     * ``loc_tokens`` (the built-in model): Florence-2 style location tokens ``<loc_x1><loc_y1><loc_x2><loc_y2>``,
@@ -24,13 +24,10 @@ Pure Python on purpose: the API process may import it to render answers without 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
-
-logger = logging.getLogger(__name__)
 
 BoxFormat = Literal["loc_tokens", "qwen2_5_vl_json", "llava_norm"]
 BOX_FORMATS: tuple[BoxFormat, ...] = ("loc_tokens", "qwen2_5_vl_json", "llava_norm")
@@ -155,64 +152,89 @@ def loc_tokens_for_box(box_xyxy_px: tuple[float, float, float, float], size_wh: 
     return "".join(f"<loc_{k}>" for k in ks)
 
 
-def pad_to_square_frame(original_size: tuple[int, int]) -> tuple[float, float, float, float]:
-    """Frame of an image padded (centred) to a square of side max(W, H), as LLaVA-1.5's expand2square does.
+@dataclass(frozen=True)
+class Frame:
+    """Where an original image sits inside the model input, per axis: input = original * scale + offset.
 
-    A normalised coordinate u of the square maps to original pixel x = u * M - pad_x with M = max(W, H) and
-    pad_x = (M - W) / 2, i.e. offset_x = pad_x / M and scale_x = 1 / M in normalised units. Resizing the
-    square to the model's input side changes nothing in normalised units, so that side is not needed.
+    The one description of "model-input box -> original pixels" (and back) used by the adapters, the runner, the
+    service, training and the tests. Coordinates are continuous pixel-edge coordinates (a box's right edge of an
+    image of width W is W), which is what PIL's resize maps linearly, so the mapping is exact, not off by half a
+    pixel. Each axis has its own scale: a resize rounds each side on its own, so one scale for both axes maps the
+    short side of a very wide or tall image slightly wrong.
 
-    Args:
-        original_size: (width, height) of the original image.
-
-    Returns:
-        (offset_x, offset_y, scale_x, scale_y) for `to_pixels`, in normalised units.
+    Attributes:
+        original_size: (width, height) of the original (upright) image in pixels.
+        input_size: (width, height) of the image the vision encoder sees, in pixels.
+        scale: (sx, sy): model-input pixels per original pixel on each axis.
+        offset: (ox, oy): where the original's top-left corner lands in the model input (its padding), in pixels.
     """
-    width, height = original_size
-    side = max(width, height)
-    return ((side - width) / 2 / side, (side - height) / 2 / side, 1.0 / side, 1.0 / side)
 
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+    scale: tuple[float, float]
+    offset: tuple[float, float] = (0.0, 0.0)
 
-def resize_frame(original_size: tuple[int, int]) -> tuple[float, float, float, float]:
-    """Frame of an image resized without padding (Qwen2.5-VL smart resize): normalised u maps to u * W."""
-    width, height = original_size
-    return (0.0, 0.0, 1.0 / width, 1.0 / height)
+    @classmethod
+    def resize(cls, original_size: tuple[int, int], input_size: tuple[int, int]) -> Frame:
+        """A plain resize of the whole image to `input_size` (Qwen's smart resize, or a shrink)."""
+        (width, height), (in_width, in_height) = original_size, input_size
+        return cls(original_size, input_size, (in_width / width, in_height / height))
 
+    @classmethod
+    def pad_to_square(cls, original_size: tuple[int, int], side: int | None = None) -> Frame:
+        """Centred padding to a square of side max(W, H) (integer offsets, as pasting does), then a resize to `side`.
 
-def to_pixels(
-    box_norm: tuple[float, float, float, float],
-    frame: tuple[float, float, float, float],
-    original_size: tuple[int, int],
-) -> tuple[float, float, float, float]:
-    """Map a box from the normalised model input frame to pixels of the original image.
+        LLaVA-1.5's "pad" aspect mode (expand2square), then its processor's resize to the model input side.
+        """
+        width, height = original_size
+        square = max(width, height)
+        side = square if side is None else side
+        factor = side / square
+        pad_x, pad_y = (square - width) // 2, (square - height) // 2
+        return cls(original_size, (side, side), (factor, factor), (pad_x * factor, pad_y * factor))
 
-    The frame is expressed in normalised units of the model input (model_input_extent = 1), so
-    ``original pixel = (norm - offset) / scale``: `offset` is where the original image starts inside the
-    model input (its padding) and `scale` is how much of the model input one original pixel covers.
-    Build it with `pad_to_square_frame` (LLaVA: pad to square, then resize) or `resize_frame` (Qwen).
+    def then(self, after: Frame) -> Frame:
+        """This frame followed by `after` (whose original is this frame's input): original -> `after`'s input."""
+        if after.original_size != self.input_size:
+            raise ValueError(
+                f"cannot chain a frame into {self.input_size} with one from {after.original_size}"
+            )
+        (sx, sy), (ox, oy) = self.scale, self.offset
+        (ax, ay), (bx, by) = after.scale, after.offset
+        return Frame(self.original_size, after.input_size, (sx * ax, sy * ay), (ox * ax + bx, oy * ay + by))
 
-    Args:
-        box_norm: (x1, y1, x2, y2) in 0..1 of the model input.
-        frame: (offset_x, offset_y, scale_x, scale_y).
-        original_size: (width, height) of the original image; the result is clipped to it, since a box in
-            the padding has no pixels to point at.
+    def to_input_norm(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """A box in original pixels -> the same box in 0..1 of the model input."""
+        (sx, sy), (ox, oy), (width, height) = self.scale, self.offset, self.input_size
+        x1, y1, x2, y2 = box
+        return (
+            (x1 * sx + ox) / width,
+            (y1 * sy + oy) / height,
+            (x2 * sx + ox) / width,
+            (y2 * sy + oy) / height,
+        )
 
-    Returns:
-        (x1, y1, x2, y2) in original pixels.
-    """
-    offset_x, offset_y, scale_x, scale_y = frame
-    width, height = original_size
-    x1, y1, x2, y2 = box_norm
+    def to_original(self, box_norm: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """A box in 0..1 of the model input -> original pixels, NOT clipped (see `clip`)."""
+        (sx, sy), (ox, oy), (width, height) = self.scale, self.offset, self.input_size
+        u1, v1, u2, v2 = box_norm
+        return (
+            (u1 * width - ox) / sx,
+            (v1 * height - oy) / sy,
+            (u2 * width - ox) / sx,
+            (v2 * height - oy) / sy,
+        )
 
-    def _map(value: float, offset: float, scale: float, limit: int) -> float:
-        return min(max((value - offset) / scale, 0.0), float(limit))
-
-    return (
-        _map(x1, offset_x, scale_x, width),
-        _map(y1, offset_y, scale_y, height),
-        _map(x2, offset_x, scale_x, width),
-        _map(y2, offset_y, scale_y, height),
-    )
+    def clip(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """A box in original pixels limited to the image (a box reaching into the padding has no pixels there)."""
+        width, height = self.original_size
+        x1, y1, x2, y2 = box
+        return (
+            min(max(x1, 0.0), float(width)),
+            min(max(y1, 0.0), float(height)),
+            min(max(x2, 0.0), float(width)),
+            min(max(y2, 0.0), float(height)),
+        )
 
 
 def _parse_loc_tokens(text: str, label: str) -> list[tuple[str, tuple[float, ...]]]:
@@ -299,13 +321,11 @@ __all__ = [
     "BOX_FORMATS",
     "LOC_BINS",
     "BoxFormat",
+    "Frame",
     "ParsedBox",
     "dequantize",
     "grounding_prompt",
     "loc_tokens_for_box",
-    "pad_to_square_frame",
     "parse_boxes",
     "quantize",
-    "resize_frame",
-    "to_pixels",
 ]

@@ -1,17 +1,17 @@
-"""The model-agnostic half of the engine: stage 1 per image, sequence rebuild with original positions, the LLM run
-with the stage-2 controller, a greedy decode loop with or without KV cache, and per-sample reports.
+"""The engine core, the model-agnostic half: stage 1 per image, the sequence rebuilt with original positions, the
+LLM run under the stage-2 controller, and greedy generation (`models/decoding.py`) with per-sample reports
+(`models/reports.py`).
 
 A family adapter (`models/llava.py`, `models/qwen2_5_vl.py`) supplies four things: how to turn images + prompts
 into the stock processor's tensors, how to run the vision tower while recording salience / similarity, how to
-project kept features into the LLM space, and the UNPRUNED position ids. Everything else is shared here, because
-the method is the same for every family: drop `<image>` placeholders for pruned tokens, pass the kept features
-through transformers' `mm_encoder_outputs` argument, and pass the kept tokens' original position ids explicitly.
+project kept features into the LLM space, and the UNPRUNED position ids. What each pruning method keeps is the
+method's own business (`models/methods/`). Everything else is shared here, because the mechanics are the same for
+every family and method: drop `<image>` placeholders for pruned tokens, pass the kept features through
+transformers' `mm_encoder_outputs` argument, and pass the kept tokens' original position ids explicitly.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,13 +21,15 @@ import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from models import pruning
 from models.attention import enable_probes
-from models.budget import Family, PruningConfig, TokenPlan, plan_tokens, pooling_grid
+from models.boxes import Frame
+from models.budget import Family, PruningConfig, TokenPlan, plan_tokens
+from models.clocks import Clock, StageClock
+from models.decoding import greedy_decode, pad_token_id
+from models.methods import Stage1Selection, get_method, keep_every_token
+from models.reports import visual_token_reports
 from models.stage2 import DropPlan, LayerDropController
 from models.tasks import VisualTokenReport
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,23 +58,29 @@ class EncodedImage:
 
 @dataclass
 class PreparedBatch:
-    """The stock processor's output for a batch plus what is needed to map boxes back.
+    """The stock processor's output for a batch plus where each original image sits in its model input.
 
     Attributes:
         inputs: processor tensors (input_ids, attention_mask, pixel_values, ...), left padded, on the device.
-        image_sizes: (w, h) of each original image.
-        model_input_sizes: (w, h) of the image each sample's vision encoder saw.
-        frames: per sample (offset_x, offset_y, extent_x, extent_y): original pixel = norm * extent - offset.
+        frames: per sample, the `Frame` between the original image and the image its vision encoder saw.
     """
 
     inputs: dict[str, Any]
-    image_sizes: list[tuple[int, int]]
-    model_input_sizes: list[tuple[int, int]]
-    frames: list[tuple[float, float, float, float]]
+    frames: list[Frame]
 
     @property
     def batch_size(self) -> int:
         return int(self.inputs["input_ids"].shape[0])
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(w, h) of each original image."""
+        return [frame.original_size for frame in self.frames]
+
+    @property
+    def model_input_sizes(self) -> list[tuple[int, int]]:
+        """(w, h) of the image each sample's vision encoder saw."""
+        return [frame.input_size for frame in self.frames]
 
 
 @dataclass
@@ -98,6 +106,7 @@ class LLMInputs:
     samples: list[Stage1Sample]
     text_tokens: list[int]  # non-visual prompt tokens per sample
     drop_plans: list[DropPlan]
+    configs: list[PruningConfig]  # the pruning config of each sample
 
 
 @dataclass
@@ -109,31 +118,6 @@ class EngineOutput:
     sequences: list[list[int]] = field(default_factory=list)  # generated ids per sample (generate only)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: vision, prune, prefill, decode
     prompt_tokens: list[int] = field(default_factory=list)  # unpruned prompt length per sample
-
-
-def prefill_flops(sequence_lengths: Sequence[int], hidden: int, intermediate: int) -> float:
-    """Theoretical prefill FLOPs: sum over layers of 8*S*H^2 + 4*S^2*H + 4*S*H*I (the Nüwa paper's count)."""
-    return float(
-        sum(8 * s * hidden**2 + 4 * s * s * hidden + 4 * s * hidden * intermediate for s in sequence_lengths)
-    )
-
-
-class _Clock:
-    """Wall-clock stage timer that waits for the GPU, so CUDA timings mean what they say."""
-
-    def __init__(self, device: torch.device) -> None:
-        self._cuda = device.type == "cuda"
-        self.timings: dict[str, float] = {}
-
-    def now(self) -> float:
-        if self._cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def add(self, stage: str, since: float) -> float:
-        current = self.now()
-        self.timings[stage] = self.timings.get(stage, 0.0) + current - since
-        return current
 
 
 class VisionLanguageAdapter(ABC):
@@ -177,12 +161,8 @@ class VisionLanguageAdapter(ABC):
         """Unpruned visual tokens for an original image of (w, h), without decoding any pixels."""
 
     @abstractmethod
-    def model_input_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """(w, h) of the image the vision encoder sees for an original image of (w, h)."""
-
-    @abstractmethod
-    def frame_for(self, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
-        """(offset_x, offset_y, extent_x, extent_y): original pixel = norm * extent - offset."""
+    def frame_for(self, image_size: tuple[int, int]) -> Frame:
+        """Where an original image of (w, h) will sit in the model input, from its size alone."""
 
     def llm_position_kwargs(self) -> dict[str, Any]:
         """Extra forward kwargs for the LLM call (none by default)."""
@@ -205,52 +185,18 @@ class VisionLanguageAdapter(ABC):
     def stage1(self, encoded: EncodedImage, config: PruningConfig) -> Stage1Sample:
         """Choose (and for Nüwa, aggregate) the visual tokens the LLM will receive for one image."""
         plan = plan_tokens(config, encoded.num_tokens, self.num_llm_layers, encoded.grid, self.family)
-        n, k1, grid = encoded.num_tokens, plan.stage1_tokens, encoded.grid
-        features = encoded.features
-        compressed = False
-        keep_all = k1 >= n and (config.budget is None or not config.aggregation)
-        if config.method in ("none", "fastv", "nuwa_stage2") or keep_all:
-            index = torch.arange(n, device=features.device)
-            kept = features
-        elif config.method == "random":
-            index = pruning.select_random(n, k1, config.seed).to(features.device)
-            kept = features[index]
-        elif config.method == "pooling":
-            kept, index = pruning.pool_grid(features, grid, pooling_grid(config, grid))
-            index = index.to(features.device)
-        elif config.method == "visionzip":
-            kept, index = pruning.visionzip_merge(
-                features, encoded.similarity, encoded.salience, k1, config.visionzip_contextual_fraction
-            )
-            index = index.to(features.device)
-            compressed = True
-        else:  # nuwa, nuwa_stage1
-            salience = encoded.salience
-            if config.salience_key_norm and encoded.key_norm is not None:
-                salience = salience * encoded.key_norm
-            index = pruning.select_stage1(salience, grid, k1, plan.top_n, config.region_size).to(
-                features.device
-            )
-            if config.aggregation:
-                kept = pruning.aggregate(
-                    features,
-                    encoded.similarity,
-                    salience,
-                    index,
-                    grid,
-                    pruning.proximity_radius(grid, config.proximity_fraction),
-                    pillar_quantile=config.pillar_quantile,
-                    convex_rows=config.convex_rows,
-                    pillar_scores=encoded.key_norm if config.pillar_by_key_norm else None,
-                )
-            else:
-                kept = features[index]
+        keep_all = plan.stage1_tokens >= encoded.num_tokens and (
+            config.budget is None or not config.aggregation
+        )
+        selection: Stage1Selection = (
+            keep_every_token(encoded) if keep_all else get_method(config.method).select(encoded, config, plan)
+        )
         return Stage1Sample(
             plan=plan,
-            grid=grid,
-            features=self.project(kept),
-            source_index=index,
-            compressed_positions=compressed,
+            grid=encoded.grid,
+            features=self.project(selection.features),
+            source_index=selection.source_index,
+            compressed_positions=selection.compressed_positions,
         )
 
     def build_llm_inputs(
@@ -292,7 +238,7 @@ class VisionLanguageAdapter(ABC):
         length = max(row.numel() for row in rows_ids)
         batch_size = len(samples)
         device = input_ids.device
-        pad_id = _pad_token_id(self.processor)
+        pad_id = pad_token_id(self.processor)
         new_ids = torch.full((batch_size, length), pad_id, dtype=input_ids.dtype, device=device)
         new_mask = torch.zeros(batch_size, length, dtype=torch.long, device=device)
         new_visual = torch.zeros(batch_size, length, dtype=torch.bool, device=device)
@@ -310,7 +256,8 @@ class VisionLanguageAdapter(ABC):
             if plan.stage2_layer is None or plan.stage2_tokens >= plan.stage1_tokens:
                 drop_plans.append(DropPlan())
             else:
-                drop_plans.append(DropPlan(plan.stage2_layer, plan.stage2_tokens, _scoring(config)))
+                scoring = get_method(config.method).stage2_scoring(config)
+                drop_plans.append(DropPlan(plan.stage2_layer, plan.stage2_tokens, scoring))
         return LLMInputs(
             input_ids=new_ids,
             attention_mask=new_mask,
@@ -320,17 +267,18 @@ class VisionLanguageAdapter(ABC):
             samples=samples,
             text_tokens=text_tokens,
             drop_plans=drop_plans,
+            configs=list(configs),
         )
 
     # ---- running ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prune(
-        self, batch: PreparedBatch, configs: Sequence[PruningConfig], clock: _Clock | None = None
+        self, batch: PreparedBatch, configs: Sequence[PruningConfig], clock: Clock | None = None
     ) -> LLMInputs:
         """Vision tower + stage 1 for every sample; returns the rebuilt LLM inputs."""
         if len(configs) != batch.batch_size:
             raise ValueError(f"{len(configs)} configs for a batch of {batch.batch_size}")
-        clock = clock or _Clock(self.device)
+        clock = clock or StageClock(self.device)
         start = clock.now()
         encoded = self.encode_images(batch, configs)
         start = clock.add("vision", start)
@@ -339,30 +287,17 @@ class VisionLanguageAdapter(ABC):
         clock.add("prune", start)
         return llm_inputs
 
-    def _decode_step(self, llm: LLMInputs, generated: torch.Tensor, cache: DynamicCache) -> Any:
-        """One cached decoding step: feed the newest token of `generated` after the prompt and the tokens before it.
-
-        Its position continues from the prompt's last ORIGINAL position id (not the pruned length), so decoding
-        sees the same positions as the unpruned model would.
-        """
-        mask = torch.cat([llm.attention_mask, torch.ones_like(generated)], dim=1)
-        position = llm.position_ids[..., -1:] + generated.shape[1]
-        return self.model(
-            input_ids=generated[:, -1:],
-            attention_mask=mask,
-            position_ids=position,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-
-    def _llm_call(
+    def run_llm(
         self,
         llm: LLMInputs,
         trailing: torch.Tensor | None = None,
         cache: DynamicCache | None = None,
         logits_to_keep: int = 0,
     ) -> Any:
+        """One prefill of the stage-1 sequence (plus `trailing` tokens) with the stage-2 controller armed.
+
+        The caller ends the run with `self.controller.finish()` (or `end_prefill()` before cached decoding).
+        """
         input_ids, attention_mask, position_ids = llm.input_ids, llm.attention_mask, llm.position_ids
         visual = llm.visual
         num_trailing = 0
@@ -385,17 +320,21 @@ class VisionLanguageAdapter(ABC):
             **self.llm_position_kwargs(),
         )
 
+    def reports(self, llm: LLMInputs) -> list[VisualTokenReport]:
+        """What the prefill that just ran kept, per sample (call before the controller's run ends)."""
+        return visual_token_reports(self.controller, llm, llm.configs, self.text_config)
+
     @torch.inference_mode()
     def forward(
         self, batch: PreparedBatch, configs: Sequence[PruningConfig], trailing: torch.Tensor | None = None
     ) -> EngineOutput:
         """One full (uncached) forward; logits come back in the last layer's layout."""
-        clock = _Clock(self.device)
+        clock = StageClock(self.device)
         llm = self.prune(batch, configs, clock)
         start = clock.now()
         try:
-            outputs = self._llm_call(llm, trailing=trailing)
-            reports = self._reports(llm, configs)
+            outputs = self.run_llm(llm, trailing=trailing)
+            reports = self.reports(llm)
         finally:
             self.controller.finish()
         clock.add("prefill", start)
@@ -408,110 +347,30 @@ class VisionLanguageAdapter(ABC):
         configs: Sequence[PruningConfig],
         max_new_tokens: int | Sequence[int] = 32,
         use_cache: bool = True,
+        clock: Clock | None = None,
+        stop_at_eos: bool = True,
     ) -> EngineOutput:
-        """Greedy decoding with per-request pruning; identical tokens with and without the KV cache."""
-        clock = _Clock(self.device)
+        """Greedy decoding with per-request pruning; identical tokens with and without the KV cache.
+
+        Args:
+            batch: The prepared batch.
+            configs: One pruning config per sample.
+            max_new_tokens: Generation cap, for all samples or per sample.
+            use_cache: Decode with a KV cache (False re-runs the pruned prefill each step; same tokens).
+            clock: Stage clock (default: a `StageClock` on this device).
+            stop_at_eos: False decodes exactly max(max_new_tokens) tokens per sample (speed benchmarks).
+        """
+        clock = clock or StageClock(self.device)
         llm = self.prune(batch, configs, clock)
         batch_size = batch.batch_size
         limits = [max_new_tokens] * batch_size if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        eos_ids = _eos_token_ids(self.model, self.processor)
-        generated = torch.zeros(batch_size, 0, dtype=torch.long, device=llm.input_ids.device)
-        finished = torch.zeros(batch_size, dtype=torch.bool, device=generated.device)
-        sequences: list[list[int]] = [[] for _ in range(batch_size)]
-        reports: list[VisualTokenReport] = []
-        cache = DynamicCache(config=self.model.config.text_config) if use_cache else None
-        start = clock.now()
-        try:
-            for step in range(max(limits)):
-                if cache is None or step == 0:
-                    outputs = self._llm_call(llm, trailing=generated, cache=cache, logits_to_keep=1)
-                    if step == 0:
-                        reports = self._reports(llm, configs)
-                        start = clock.add("prefill", start)
-                        if cache is not None:
-                            self.controller.end_prefill()
-                    if cache is None:
-                        self.controller.finish()
-                else:
-                    outputs = self._decode_step(llm, generated, cache)
-                next_tokens = outputs.logits[:, -1].argmax(dim=-1)
-                generated = torch.cat([generated, next_tokens[:, None]], dim=1)
-                for b in range(batch_size):
-                    if finished[b]:
-                        continue
-                    token = int(next_tokens[b])
-                    sequences[b].append(token)
-                    if token in eos_ids or len(sequences[b]) >= limits[b]:
-                        finished[b] = True
-                if bool(finished.all()):
-                    break
-        finally:
-            self.controller.finish()
-        if len(generated[0]) > 1:
-            clock.add("decode", start)
+        sequences, reports = greedy_decode(
+            self, llm, limits, clock, use_cache=use_cache, stop_at_eos=stop_at_eos
+        )
         prompt_tokens = [int(m.sum()) for m in batch.inputs["attention_mask"]]
         return EngineOutput(
-            reports=reports, sequences=sequences, timings=clock.timings, prompt_tokens=prompt_tokens
+            reports=reports, sequences=sequences, timings=dict(clock.timings), prompt_tokens=prompt_tokens
         )
-
-    # ---- reporting -------------------------------------------------------------------------------------------
-    def _reports(self, llm: LLMInputs, configs: Sequence[PruningConfig]) -> list[VisualTokenReport]:
-        counts = self.controller.visual_counts  # per layer, per sample
-        kept_rows = self.controller.kept_visual()  # per sample, rows of the stage-1 sequence
-        hidden = int(self.text_config.hidden_size)
-        intermediate = int(self.text_config.intermediate_size)
-        reports = []
-        for b, (sample, config) in enumerate(zip(llm.samples, configs, strict=True)):
-            per_layer = tuple(int(layer_counts[b]) for layer_counts in counts)
-            cols = sample.grid[1]
-            visual_rows = torch.nonzero(llm.visual[b]).flatten().cpu()
-            order = {int(row): i for i, row in enumerate(visual_rows)}
-            source = sample.source_index.cpu()
-            final = [int(source[order[int(row)]]) for row in kept_rows[b]]
-            text = llm.text_tokens[b]
-            reports.append(
-                VisualTokenReport(
-                    method=config.method,
-                    budget=config.budget,
-                    original=sample.plan.num_tokens,
-                    stage1=sample.plan.stage1_tokens,
-                    stage2=per_layer[-1],
-                    per_layer=per_layer,
-                    average=sum(per_layer) / len(per_layer),
-                    grid=sample.grid,
-                    kept=tuple(divmod(index, cols) for index in sorted(final)),
-                    kept_stage1=tuple(divmod(int(index), cols) for index in sorted(source.tolist())),
-                    flops_prefill=prefill_flops([text + c for c in per_layer], hidden, intermediate),
-                    flops_prefill_unpruned=prefill_flops(
-                        [text + sample.plan.num_tokens] * len(per_layer), hidden, intermediate
-                    ),
-                )
-            )
-        return reports
-
-
-def _scoring(config: PruningConfig) -> str:
-    return "last_token_mean" if config.method == "fastv" else config.stage2_scoring
-
-
-def _pad_token_id(processor: Any) -> int:
-    tokenizer = getattr(processor, "tokenizer", processor)
-    pad = tokenizer.pad_token_id
-    return int(pad if pad is not None else tokenizer.eos_token_id)
-
-
-def _eos_token_ids(model: torch.nn.Module, processor: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config.text_config):
-        eos = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, list | tuple):
-            ids.update(int(e) for e in eos)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
 
 
 __all__ = [
@@ -521,5 +380,4 @@ __all__ = [
     "PreparedBatch",
     "Stage1Sample",
     "VisionLanguageAdapter",
-    "prefill_flops",
 ]

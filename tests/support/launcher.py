@@ -19,8 +19,9 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-COMMITTED_MODEL = REPO / "models" / "builtin" / "nuwa-tiny-llava"
+from models.builtin import BUILTIN_MODEL_DIR
+
+REPO = Path(__file__).resolve().parents[2]
 RANDOM_MODEL_NAME = "nuwa-tiny-llava-random"
 
 
@@ -30,7 +31,7 @@ class ServiceStartError(RuntimeError):
 
 def committed_model_present() -> bool:
     """Whether the trained built-in model is checked out (its weights are in the repository)."""
-    return (COMMITTED_MODEL / "config.json").is_file() and any(COMMITTED_MODEL.glob("*.safetensors"))
+    return (BUILTIN_MODEL_DIR / "config.json").is_file() and any(BUILTIN_MODEL_DIR.glob("*.safetensors"))
 
 
 def builtin_or_random_model(cache_dir: Path) -> Path:
@@ -40,7 +41,7 @@ def builtin_or_random_model(cache_dir: Path) -> Path:
     `python -m models.builtin.build` in a child process, then reused from `cache_dir`.
     """
     if committed_model_present():
-        return COMMITTED_MODEL
+        return BUILTIN_MODEL_DIR
     out = cache_dir / RANDOM_MODEL_NAME
     if not (out / "config.json").is_file():
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -161,7 +162,6 @@ def start_service(model_dir: Path, log_path: Path, settings: Mapping[str, str]) 
 
 
 __all__ = [
-    "COMMITTED_MODEL",
     "REPO",
     "ServiceProcess",
     "ServiceStartError",

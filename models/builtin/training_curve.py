@@ -1,8 +1,8 @@
 """Plot the built-in model's training curve from the `metrics.jsonl` files of its curriculum runs.
 
-``python -m models.training_curve RUN_DIR [RUN_DIR ...] --out docs/model_training.png``
+``python -m models.builtin.training_curve RUN_DIR [RUN_DIR ...] --out docs/model_training.png``
 
-Each run directory is one curriculum stage (`models.train --out DIR`); they are given in training order and laid
+Each run directory is one curriculum stage (`models.builtin.train --out DIR`); they are given in training order and laid
 end to end on one step axis, so the plot shows the whole curriculum. A run that was killed and resumed appends
 the steps after its last checkpoint twice; the later record of a step wins, because it is the one the surviving
 checkpoint continued from.

@@ -1,0 +1,96 @@
+"""What the retention study scores: evaluation items from the contract scenes, a curriculum stage, or a JSONL file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from models.builtin import scenes
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One scored item: a grounding phrase with its box, or a question with its answer."""
+
+    kind: str  # "ground" | "vqa"
+    image: Image.Image
+    text: str
+    box: tuple[float, float, float, float] | None = None
+    answer: str | None = None
+    subkind: str | None = None  # e.g. "ground/extremal", "vqa/count": scored apart in the per-kind table
+
+
+def scene_items(limit: int | None = None) -> list[EvalItem]:
+    """The committed evaluation set (regenerated from its seed), grounding items first."""
+    count = limit if limit is not None else 1000
+    grounding, vqa = scenes.evaluation_set(num_grounding=count, num_vqa=count)
+    items = [
+        EvalItem(
+            "ground",
+            scenes.render(item.scene),
+            item.phrase,
+            box=tuple(map(float, item.box)),
+            subkind=f"ground/{item.kind}",
+        )
+        for item in grounding
+    ]
+    items += [
+        EvalItem(
+            "vqa", scenes.render(item.scene), item.question, answer=item.answer, subkind=f"vqa/{item.kind}"
+        )
+        for item in vqa
+    ]
+    return items
+
+
+def stage_items(stage: str, limit: int | None = None) -> list[EvalItem]:
+    """Held-out items of one training-curriculum stage (`models.builtin.data.STAGES`), grounding items first.
+
+    ``single`` (one object per scene) measures pruning where a partly trained built-in model already grounds:
+    on the evaluation set's 1-5 objects a model that cannot yet tell objects apart scores near zero unpruned,
+    and retention is then noise.
+    """
+    from models.builtin.data import stage_eval_examples
+
+    count = limit if limit is not None else 1000
+    items = []
+    for example in stage_eval_examples(stage, 2 * count):
+        image = scenes.render(example.scene)
+        if example.box is not None:
+            box = tuple(map(float, example.box))
+            items.append(EvalItem("ground", image, str(example.phrase), box=box, subkind=example.kind))
+        else:
+            items.append(EvalItem("vqa", image, example.prompt, answer=example.answer, subkind=example.kind))
+    return items
+
+
+def jsonl_items(path: Path, limit: int | None = None) -> list[EvalItem]:
+    """User-supplied RefCOCO-style / VQA items (format in the module docstring)."""
+    items: list[EvalItem] = []
+    counts = {"ground": 0, "vqa": 0}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        kind = record.get("type")
+        if kind not in counts:
+            raise ValueError(f"{path}:{number}: type must be 'ground' or 'vqa', got {kind!r}")
+        if limit is not None and counts[kind] >= limit:
+            continue
+        image = Image.open(path.parent / record["image"]).convert("RGB")
+        subkind = None if record.get("kind") is None else str(record["kind"])
+        if kind == "ground":
+            box = tuple(map(float, record["box"]))
+            items.append(EvalItem("ground", image, record["phrase"], box=box, subkind=subkind))
+        else:
+            items.append(
+                EvalItem("vqa", image, record["question"], answer=str(record["answer"]), subkind=subkind)
+            )
+        counts[kind] += 1
+    return items
+
+
+__all__ = ["EvalItem", "jsonl_items", "scene_items", "stage_items"]
