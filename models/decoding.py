@@ -9,8 +9,8 @@ positions the unpruned model would.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from transformers import DynamicCache
@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from models.clocks import Clock
     from models.engine import LLMInputs, VisionLanguageAdapter
     from models.tasks import VisualTokenReport
+
+FinishReason = Literal["stop", "length", "cancelled"]
+"""Why a sample stopped: its EOS, its token cap, or its caller gave up on it (a client that left)."""
 
 
 def decode_step(model: torch.nn.Module, llm: LLMInputs, generated: torch.Tensor, cache: DynamicCache) -> Any:
@@ -49,18 +52,34 @@ def greedy_decode(
     clock: Clock,
     use_cache: bool = True,
     stop_at_eos: bool = True,
-) -> tuple[list[list[int]], list[VisualTokenReport]]:
-    """Greedy tokens per sample (up to and including EOS, at most `limits[b]`), and the prefill's reports.
+    cancelled: Callable[[], Collection[int]] | None = None,
+    on_step: Callable[[Sequence[Sequence[int]]], None] | None = None,
+) -> tuple[list[list[int]], list[VisualTokenReport], list[FinishReason]]:
+    """Greedy tokens per sample (up to and including EOS, at most `limits[b]`), the prefill's reports, and why
+    each sample stopped.
 
     Without a cache every step re-runs the whole pruned prefill with the generated tokens appended (the reference
     the cached path is tested against). With `stop_at_eos=False` every sample decodes exactly `max(limits)`
     tokens (the speed benchmark: every configuration decodes the same amount). The clock records "prefill" and,
     when more than one token is generated, "decode".
+
+    Args:
+        adapter: The engine whose model runs.
+        llm: The stage-1 sequence.
+        limits: Generation cap per sample.
+        clock: Stage clock.
+        use_cache: Decode with a KV cache.
+        stop_at_eos: Stop a sample at its EOS (False: decode `max(limits)` tokens for every sample).
+        cancelled: Called before every step; samples it names stop at once (finish reason "cancelled"), and the
+            loop ends early when nothing is left to decode.
+        on_step: Called after every step with each sample's tokens so far (streaming); finished samples' lists
+            stop growing.
     """
     batch_size = llm.input_ids.shape[0]
     eos_ids = eos_token_ids(adapter.model, adapter.processor) if stop_at_eos else set()
     generated = torch.zeros(batch_size, 0, dtype=torch.long, device=llm.input_ids.device)
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=generated.device)
+    finished = [False] * batch_size
+    reasons: list[FinishReason] = ["length"] * batch_size
     sequences: list[list[int]] = [[] for _ in range(batch_size)]
     reports: list[VisualTokenReport] = []
     cache = DynamicCache(config=adapter.model.config.text_config) if use_cache else None
@@ -68,6 +87,12 @@ def greedy_decode(
     start = clock.now()
     try:
         for step in range(max(limits)):
+            if cancelled is not None and step > 0:
+                for b in cancelled():
+                    if 0 <= b < batch_size and not finished[b]:
+                        finished[b], reasons[b] = True, "cancelled"
+                if all(finished):
+                    break
             if cache is None or step == 0:
                 outputs = adapter.run_llm(llm, trailing=generated, cache=cache, logits_to_keep=1)
                 if step == 0:
@@ -81,20 +106,23 @@ def greedy_decode(
                 outputs = decode_step(adapter.model, llm, generated, cache)
             next_tokens = outputs.logits[:, -1].argmax(dim=-1)
             generated = torch.cat([generated, next_tokens[:, None]], dim=1)
-            for b in range(batch_size):
+            for b, token in enumerate(next_tokens.tolist()):
                 if finished[b]:
                     continue
-                token = int(next_tokens[b])
                 sequences[b].append(token)
-                if token in eos_ids or (stop_at_eos and len(sequences[b]) >= limits[b]):
+                if token in eos_ids:
+                    finished[b], reasons[b] = True, "stop"
+                elif stop_at_eos and len(sequences[b]) >= limits[b]:
                     finished[b] = True
-            if bool(finished.all()):
+            if on_step is not None:
+                on_step(sequences)
+            if all(finished):
                 break
     finally:
         controller.finish()
     if generated.shape[1] > 1:
         clock.add("decode", start)
-    return sequences, reports
+    return sequences, reports, reasons
 
 
 def pad_token_id(processor: Any) -> int:
@@ -119,4 +147,4 @@ def eos_token_ids(model: torch.nn.Module, processor: Any) -> set[int]:
     return ids
 
 
-__all__ = ["decode_step", "eos_token_ids", "greedy_decode", "pad_token_id"]
+__all__ = ["FinishReason", "decode_step", "eos_token_ids", "greedy_decode", "pad_token_id"]

@@ -13,9 +13,9 @@ transformers' `mm_encoder_outputs` argument, and pass the kept tokens' original 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import DynamicCache
@@ -25,7 +25,9 @@ from models.attention import enable_probes
 from models.boxes import Frame
 from models.budget import Family, PruningConfig, TokenPlan, plan_tokens
 from models.clocks import Clock, StageClock
-from models.decoding import greedy_decode, pad_token_id
+from models.decoding import FinishReason, greedy_decode, pad_token_id
+from models.embedding_cache import EmbeddingCache
+from models.geometry import Geometry
 from models.methods import Stage1Selection, get_method, keep_every_token
 from models.reports import visual_token_reports
 from models.stage2 import DropPlan, LayerDropController
@@ -63,10 +65,13 @@ class PreparedBatch:
     Attributes:
         inputs: processor tensors (input_ids, attention_mask, pixel_values, ...), left padded, on the device.
         frames: per sample, the `Frame` between the original image and the image its vision encoder saw.
+        image_keys: per sample, a key naming the image's content for the embedding cache (None: never cached);
+            samples with the same key share one vision-encoder run inside the batch too.
     """
 
     inputs: dict[str, Any]
     frames: list[Frame]
+    image_keys: list[str | None] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -107,6 +112,12 @@ class LLMInputs:
     text_tokens: list[int]  # non-visual prompt tokens per sample
     drop_plans: list[DropPlan]
     configs: list[PruningConfig]  # the pruning config of each sample
+    cache_status: list[CacheStatus] = field(default_factory=list)  # per sample, from the vision step
+
+
+CacheStatus = Literal["hit", "miss"]
+"""Per sample: "hit" = the vision tower did not run for it (cached, or shared with an identical image in the
+batch), "miss" = it ran."""
 
 
 @dataclass
@@ -118,6 +129,8 @@ class EngineOutput:
     sequences: list[list[int]] = field(default_factory=list)  # generated ids per sample (generate only)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: vision, prune, prefill, decode
     prompt_tokens: list[int] = field(default_factory=list)  # unpruned prompt length per sample
+    cache_status: list[CacheStatus] = field(default_factory=list)  # per sample
+    finish_reasons: list[FinishReason] = field(default_factory=list)  # per sample (generate only)
 
 
 class VisionLanguageAdapter(ABC):
@@ -156,19 +169,24 @@ class VisionLanguageAdapter(ABC):
     def unpruned_positions(self, batch: PreparedBatch) -> torch.Tensor:
         """Position ids of the UNPRUNED padded sequence: (B, L) or (3, B, L) for M-RoPE."""
 
+    @property
     @abstractmethod
-    def estimate_visual_tokens(self, image_size: tuple[int, int]) -> int:
-        """Unpruned visual tokens for an original image of (w, h), without decoding any pixels."""
-
-    @abstractmethod
-    def frame_for(self, image_size: tuple[int, int]) -> Frame:
-        """Where an original image of (w, h) will sit in the model input, from its size alone."""
+    def geometry(self) -> Geometry:
+        """How this model frames an image and how many visual tokens it becomes, from the size alone."""
 
     def llm_position_kwargs(self) -> dict[str, Any]:
         """Extra forward kwargs for the LLM call (none by default)."""
         return {}
 
     # ---- shared properties -----------------------------------------------------------------------------------
+    def estimate_visual_tokens(self, image_size: tuple[int, int]) -> int:
+        """Unpruned visual tokens for an original image of (w, h), without decoding any pixels."""
+        return self.geometry.visual_tokens(image_size)
+
+    def frame_for(self, image_size: tuple[int, int]) -> Frame:
+        """Where an original image of (w, h) will sit in the model input, from its size alone."""
+        return self.geometry.frame(image_size)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -270,20 +288,80 @@ class VisionLanguageAdapter(ABC):
             configs=list(configs),
         )
 
+    # ---- vision, once per distinct image ---------------------------------------------------------------------
+    def vision_subset(self, batch: PreparedBatch, indices: Sequence[int]) -> PreparedBatch:
+        """The vision inputs of some samples only (to encode what the cache lacks).
+
+        This default selects rows of every tensor whose first axis is the batch (LLaVA's `pixel_values`);
+        families that pack images along one axis (Qwen's patches) override it.
+        """
+        index = torch.tensor(list(indices), device=self.device)
+        size = batch.batch_size
+        inputs = {
+            key: value.index_select(0, index.to(value.device))
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size
+            else value
+            for key, value in batch.inputs.items()
+        }
+        return PreparedBatch(inputs=inputs, frames=[batch.frames[i] for i in indices])
+
+    def encode(
+        self, batch: PreparedBatch, configs: Sequence[PruningConfig], cache: EmbeddingCache | None = None
+    ) -> tuple[list[EncodedImage], list[CacheStatus]]:
+        """The vision side of every sample, running the tower only for images neither cached nor seen earlier
+        in this batch (the key is the image's content and the request's similarity layers)."""
+        size = batch.batch_size
+        image_keys = batch.image_keys or [None] * size
+        keys = [
+            None if image_key is None else (image_key, config.similarity_layers)
+            for image_key, config in zip(image_keys, configs, strict=True)
+        ]
+        encoded: list[EncodedImage | None] = [None] * size
+        status: list[CacheStatus] = ["miss"] * size
+        first_of: dict[Any, int] = {}
+        to_encode: list[int] = []
+        for b, key in enumerate(keys):
+            if key is None:
+                to_encode.append(b)
+            elif key in first_of:
+                status[b] = "hit"
+            elif cache is not None and (cached := cache.get(key)) is not None:
+                encoded[b], status[b] = cached, "hit"
+                first_of[key] = b
+            else:
+                first_of[key] = b
+                to_encode.append(b)
+        if to_encode:
+            sub_batch = batch if len(to_encode) == size else self.vision_subset(batch, to_encode)
+            fresh = self.encode_images(sub_batch, [configs[b] for b in to_encode])
+            for b, value in zip(to_encode, fresh, strict=True):
+                encoded[b] = value
+                if keys[b] is not None and cache is not None:
+                    cache.put(keys[b], value)
+        for b, key in enumerate(keys):
+            if encoded[b] is None:
+                encoded[b] = encoded[first_of[key]]
+        return [value for value in encoded if value is not None], status
+
     # ---- running ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prune(
-        self, batch: PreparedBatch, configs: Sequence[PruningConfig], clock: Clock | None = None
+        self,
+        batch: PreparedBatch,
+        configs: Sequence[PruningConfig],
+        clock: Clock | None = None,
+        cache: EmbeddingCache | None = None,
     ) -> LLMInputs:
-        """Vision tower + stage 1 for every sample; returns the rebuilt LLM inputs."""
+        """Vision tower (cache-aware) + stage 1 for every sample; returns the rebuilt LLM inputs."""
         if len(configs) != batch.batch_size:
             raise ValueError(f"{len(configs)} configs for a batch of {batch.batch_size}")
         clock = clock or StageClock(self.device)
         start = clock.now()
-        encoded = self.encode_images(batch, configs)
+        encoded, status = self.encode(batch, configs, cache)
         start = clock.add("vision", start)
         samples = [self.stage1(enc, config) for enc, config in zip(encoded, configs, strict=True)]
         llm_inputs = self.build_llm_inputs(batch, samples, configs)
+        llm_inputs.cache_status = status
         clock.add("prune", start)
         return llm_inputs
 
@@ -338,7 +416,9 @@ class VisionLanguageAdapter(ABC):
         finally:
             self.controller.finish()
         clock.add("prefill", start)
-        return EngineOutput(reports=reports, logits=outputs.logits, timings=clock.timings)
+        return EngineOutput(
+            reports=reports, logits=outputs.logits, timings=clock.timings, cache_status=llm.cache_status
+        )
 
     @torch.inference_mode()
     def generate(
@@ -349,6 +429,9 @@ class VisionLanguageAdapter(ABC):
         use_cache: bool = True,
         clock: Clock | None = None,
         stop_at_eos: bool = True,
+        embedding_cache: EmbeddingCache | None = None,
+        cancelled: Callable[[], Collection[int]] | None = None,
+        on_step: Callable[[Sequence[Sequence[int]]], None] | None = None,
     ) -> EngineOutput:
         """Greedy decoding with per-request pruning; identical tokens with and without the KV cache.
 
@@ -359,17 +442,32 @@ class VisionLanguageAdapter(ABC):
             use_cache: Decode with a KV cache (False re-runs the pruned prefill each step; same tokens).
             clock: Stage clock (default: a `StageClock` on this device).
             stop_at_eos: False decodes exactly max(max_new_tokens) tokens per sample (speed benchmarks).
+            embedding_cache: Vision outputs of images seen before (see `encode`).
+            cancelled: Samples to stop decoding (see `models.decoding.greedy_decode`).
+            on_step: Called with every sample's tokens so far after each step (streaming).
         """
         clock = clock or StageClock(self.device)
-        llm = self.prune(batch, configs, clock)
+        llm = self.prune(batch, configs, clock, cache=embedding_cache)
         batch_size = batch.batch_size
         limits = [max_new_tokens] * batch_size if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        sequences, reports = greedy_decode(
-            self, llm, limits, clock, use_cache=use_cache, stop_at_eos=stop_at_eos
+        sequences, reports, reasons = greedy_decode(
+            self,
+            llm,
+            limits,
+            clock,
+            use_cache=use_cache,
+            stop_at_eos=stop_at_eos,
+            cancelled=cancelled,
+            on_step=on_step,
         )
         prompt_tokens = [int(m.sum()) for m in batch.inputs["attention_mask"]]
         return EngineOutput(
-            reports=reports, sequences=sequences, timings=dict(clock.timings), prompt_tokens=prompt_tokens
+            reports=reports,
+            sequences=sequences,
+            timings=dict(clock.timings),
+            prompt_tokens=prompt_tokens,
+            cache_status=llm.cache_status,
+            finish_reasons=reasons,
         )
 
 

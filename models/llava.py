@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from models.attention import ClsRowProbe, attach_probe
-from models.boxes import Frame
 from models.budget import PruningConfig
 from models.engine import EncodedImage, PreparedBatch, VisionLanguageAdapter
+from models.geometry import PaddedSquareGeometry
 
 LLAVA_FALLBACK_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
@@ -108,9 +108,9 @@ class LlavaAdapter(VisionLanguageAdapter):
         fill = self.pad_fill()
         for image in images:
             rgb = image.convert("RGB")
-            shrink, pad = self._geometry(rgb.size)
-            if shrink is not None:
-                rgb = rgb.resize(shrink.input_size, Image.Resampling.BILINEAR)
+            shrunk = self.geometry.shrink_size(rgb.size)
+            if shrunk is not None:
+                rgb = rgb.resize(shrunk, Image.Resampling.BILINEAR)
             square, _ = expand_to_square(rgb, fill)
             squares.append(square)
             frames.append(self.frame_for(image.size))
@@ -121,32 +121,12 @@ class LlavaAdapter(VisionLanguageAdapter):
         }
         return PreparedBatch(inputs=inputs, frames=frames)
 
-    def _geometry(self, image_size: tuple[int, int]) -> tuple[Frame | None, Frame]:
-        """(the shrink applied before padding, or None; the pad-to-square + resize to the input side).
-
-        Images much larger than the model input are shrunk BEFORE padding: the square is resized to `input_side`
-        anyway, and padding a 20000 x 1 image first would allocate a 20000 x 20000 canvas. Bounding the long side
-        at 2 x input_side keeps the result the same to within resampling and the memory small. Each side is
-        rounded on its own, so the shrink has its own scale per axis.
-        """
-        limit = 2 * self.input_side
-        width, height = image_size
-        shrink = None
-        if max(width, height) > limit:
-            factor = limit / max(width, height)
-            shrunk = (max(1, round(width * factor)), max(1, round(height * factor)))
-            shrink = Frame.resize(image_size, shrunk)
-            image_size = shrunk
-        return shrink, Frame.pad_to_square(image_size, self.input_side)
-
-    def estimate_visual_tokens(self, image_size: tuple[int, int]) -> int:
-        rows, cols = self.grid
-        return rows * cols
-
-    def frame_for(self, image_size: tuple[int, int]) -> Frame:
-        """Shrink (very large images only), centred padding to a square, resize to the input side."""
-        shrink, pad = self._geometry(image_size)
-        return pad if shrink is None else shrink.then(pad)
+    @property
+    def geometry(self) -> PaddedSquareGeometry:
+        """Shrink beyond 2 x input_side (so padding never allocates a huge canvas), pad, resize to the input side."""
+        return PaddedSquareGeometry(
+            input_side=self.input_side, grid=self.grid, shrink_limit=2 * self.input_side
+        )
 
     def encode_images(self, batch: PreparedBatch, configs: Sequence[PruningConfig]) -> list[EncodedImage]:
         vision_tower = self.model.model.vision_tower

@@ -29,6 +29,7 @@ from models.attention import ColumnSumProbe, attach_probe
 from models.boxes import Frame
 from models.budget import PruningConfig
 from models.engine import EncodedImage, PreparedBatch, VisionLanguageAdapter
+from models.geometry import SmartResizeGeometry
 
 QWEN_FALLBACK_TEMPLATE = (
     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n"
@@ -106,26 +107,27 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
         ]
         return PreparedBatch(inputs=inputs, frames=frames)
 
-    def frame_for(self, image_size: tuple[int, int]) -> Frame:
-        """The processor's smart resize (sides multiples of patch x merge, pixels within min/max_pixels)."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        image_processor = self.processor.image_processor
-        size = getattr(image_processor, "size", None) or {}
-        factor = self.patch_size * self.merge_size
-        height, width = smart_resize(
-            image_size[1],
-            image_size[0],
-            factor=factor,
-            min_pixels=size.get("shortest_edge", 56 * 56),
-            max_pixels=size.get("longest_edge", 28 * 28 * 1280),
+    @property
+    def geometry(self) -> SmartResizeGeometry:
+        """The processor's smart resize: sides multiples of patch x merge, pixels within its min/max bounds."""
+        size = getattr(self.processor.image_processor, "size", None) or {}
+        return SmartResizeGeometry(
+            patch_size=self.patch_size,
+            merge_size=self.merge_size,
+            min_pixels=int(size.get("shortest_edge", 56 * 56)),
+            max_pixels=int(size.get("longest_edge", 28 * 28 * 1280)),
         )
-        return Frame.resize(image_size, (width, height))
 
-    def estimate_visual_tokens(self, image_size: tuple[int, int]) -> int:
-        width, height = self.frame_for(image_size).input_size
-        factor = self.patch_size * self.merge_size
-        return (width // factor) * (height // factor)
+    def vision_subset(self, batch: PreparedBatch, indices: Sequence[int]) -> PreparedBatch:
+        """Some images' patches only: `pixel_values` packs every image's patches one after another."""
+        grid_thw = batch.inputs["image_grid_thw"]
+        counts = grid_thw.prod(-1).tolist()
+        starts = [sum(counts[:b]) for b in range(len(counts))]
+        pixel_values = torch.cat(
+            [batch.inputs["pixel_values"][starts[b] : starts[b] + counts[b]] for b in indices]
+        )
+        inputs = {"pixel_values": pixel_values, "image_grid_thw": grid_thw[list(indices)]}
+        return PreparedBatch(inputs=inputs, frames=[batch.frames[b] for b in indices])
 
     def encode_images(self, batch: PreparedBatch, configs: Sequence[PruningConfig]) -> list[EncodedImage]:
         visual = self.model.model.visual

@@ -2,22 +2,41 @@
 
 `ModelRunner` owns one family adapter and knows the checkpoint's conventions: how to phrase a grounding request and
 which box format the model emits (`models/boxes.py`); each sample's `Frame` (from the adapter, which knows how it
-framed the image) maps the boxes back to original pixels. The worker only calls `run`, `warmup` and the size
-estimators; it never touches tensors.
+framed the image) maps the boxes back to original pixels. The worker only calls `prepare` / `execute` (or `run`,
+both at once), `warmup` and the geometry; it never touches tensors.
+
+`prepare` (CPU: resize, normalise, tokenise) and `execute` (the device: vision, pruning, prefill, decode) are apart
+so the worker can prepare the next batch on another thread while this one runs.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
 
 from models.boxes import BoxFormat, Frame, grounding_prompt, parse_boxes
-from models.engine import VisionLanguageAdapter
+from models.embedding_cache import EmbeddingCache
+from models.engine import PreparedBatch, VisionLanguageAdapter
+from models.geometry import Geometry
 from models.tasks import BatchTimings, Box, TaskRequest, TaskResult
+
+TextCallback = Callable[[int, str], None]
+"""Called with (task index, newly decoded text) while a streaming task decodes."""
+
+
+@dataclass
+class PreparedTasks:
+    """A batch after the CPU-side preparation, ready for `ModelRunner.execute`."""
+
+    tasks: list[TaskRequest]
+    batch: PreparedBatch
+    preprocess_s: float
+
 
 VQA_SUFFIX = {
     "loc_tokens": "",
@@ -61,6 +80,47 @@ class ModelRunner:
             return task.text + VQA_SUFFIX[self.box_format]
         return task.text
 
+    @property
+    def geometry(self) -> Geometry:
+        """Frames and visual-token counts from the image size alone (also sent to the API process)."""
+        return self.adapter.geometry
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.adapter.processor, "tokenizer", self.adapter.processor)
+
+    @property
+    def max_positions(self) -> int:
+        """Positions the LLM supports: the unpruned prompt (pruned tokens keep their original positions) plus the
+        answer must fit."""
+        return int(getattr(self.adapter.text_config, "max_position_embeddings", 0) or 2**31 - 1)
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """Every special token of the tokenizer (control tokens, image placeholders, location tokens)."""
+        tokenizer = self.tokenizer
+        specials = set(tokenizer.all_special_tokens)
+        specials.update(
+            token.content
+            for token in tokenizer.added_tokens_decoder.values()
+            if getattr(token, "special", False)
+        )
+        return tuple(sorted(specials))
+
+    def prompt_overhead_tokens(self) -> dict[str, int]:
+        """Per task kind, the prompt's tokens besides the user text and the visual tokens (chat template,
+        instruction words, image markers): measured through the real processor on a tiny image."""
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+        text = "x"
+        text_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        visual = self.geometry.visual_tokens(image.size)
+        overhead = {}
+        for kind in ("ground", "answer", "chat"):
+            prepared = self.prepare([TaskRequest(image=image, kind=kind, text=text)])  # type: ignore[arg-type]
+            length = int(prepared.batch.inputs["attention_mask"][0].sum())
+            overhead[kind] = length - visual - text_tokens
+        return overhead
+
     def warmup(self) -> None:
         """One real batched forward (a synthetic scene-like image), so readiness means the device works."""
         image = Image.new("RGB", (96, 64), (230, 230, 230))
@@ -69,17 +129,41 @@ class ModelRunner:
             [TaskRequest(image=image, kind="answer", text="What color is the square?", max_new_tokens=2)]
         )
 
-    @torch.inference_mode()
-    def run(self, tasks: Sequence[TaskRequest]) -> tuple[list[TaskResult], BatchTimings]:
-        """One batched pass for requests with different images, budgets and methods."""
+    def prepare(self, tasks: Sequence[TaskRequest]) -> PreparedTasks:
+        """The processor's work for a batch (resize, normalise, chat template, tokenise): CPU only."""
         start = time.perf_counter()
         images = [task.image for task in tasks]
         batch = self.adapter.prepare(images, [self.prompt_for(task) for task in tasks])
-        preprocess = time.perf_counter() - start
+        batch.image_keys = [task.image_key for task in tasks]
+        return PreparedTasks(tasks=list(tasks), batch=batch, preprocess_s=time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        prepared: PreparedTasks,
+        embedding_cache: EmbeddingCache | None = None,
+        cancelled: Callable[[], Collection[int]] | None = None,
+        on_text: TextCallback | None = None,
+    ) -> tuple[list[TaskResult], BatchTimings]:
+        """Run a prepared batch on the device: requests with different images, budgets and methods.
+
+        Args:
+            prepared: From `prepare`.
+            embedding_cache: Vision outputs of images seen before (hits skip the vision tower).
+            cancelled: Indices of tasks to stop decoding (their clients left).
+            on_text: Receives each `stream=True` task's text as it is decoded, piece by piece.
+        """
+        tasks, batch = prepared.tasks, prepared.batch
+        tokenizer = self.tokenizer
+        streamer = _TextStreamer(tokenizer, [b for b, task in enumerate(tasks) if task.stream], on_text)
         output = self.adapter.generate(
-            batch, [task.config for task in tasks], max_new_tokens=[task.max_new_tokens for task in tasks]
+            batch,
+            [task.config for task in tasks],
+            max_new_tokens=[task.max_new_tokens for task in tasks],
+            embedding_cache=embedding_cache,
+            cancelled=cancelled,
+            on_step=streamer.on_step if streamer.active else None,
         )
-        tokenizer = getattr(self.adapter.processor, "tokenizer", self.adapter.processor)
         results = []
         for b, task in enumerate(tasks):
             ids = output.sequences[b]
@@ -101,16 +185,22 @@ class ModelRunner:
                     frame=frame,
                     prompt_tokens=output.prompt_tokens[b],
                     completion_tokens=len(ids),
+                    finish_reason=output.finish_reasons[b],
+                    cache=output.cache_status[b],
                 )
             )
         timings = output.timings
         return results, BatchTimings(
-            preprocess=preprocess,
+            preprocess=prepared.preprocess_s,
             vision=timings.get("vision", 0.0),
             prune=timings.get("prune", 0.0),
             prefill=timings.get("prefill", 0.0),
             decode=timings.get("decode", 0.0),
         )
+
+    def run(self, tasks: Sequence[TaskRequest], **options: Any) -> tuple[list[TaskResult], BatchTimings]:
+        """`prepare` then `execute` (options go to `execute`)."""
+        return self.execute(self.prepare(tasks), **options)
 
     def _boxes(self, raw: str, label: str, frame: Frame) -> list[Box]:
         width, height = frame.original_size
@@ -122,6 +212,41 @@ class ModelRunner:
             norm = (xyxy[0] / width, xyxy[1] / height, xyxy[2] / width, xyxy[3] / height)
             boxes.append(Box(label=parsed.label or label, xyxy=xyxy, xyxy_norm=norm))
         return boxes
+
+
+class _TextStreamer:
+    """Turns each decoding step's token lists into the new text of the streaming tasks.
+
+    The whole sequence is decoded at every step and only what is new is sent, which keeps multi-token characters
+    and tokenizer-specific spacing right; text ending in an incomplete UTF-8 sequence (U+FFFD) is held back until
+    the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Any, indices: Sequence[int], on_text: TextCallback | None) -> None:
+        self._tokenizer = tokenizer
+        self._indices = list(indices) if on_text is not None else []
+        self._on_text = on_text
+        self._sent = dict.fromkeys(self._indices, "")
+        self._lengths = dict.fromkeys(self._indices, 0)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._indices)
+
+    def on_step(self, sequences: Sequence[Sequence[int]]) -> None:
+        assert self._on_text is not None
+        for b in self._indices:
+            ids = sequences[b]
+            if len(ids) == self._lengths[b]:
+                continue  # finished earlier: nothing new
+            self._lengths[b] = len(ids)
+            text = self._tokenizer.decode(ids, skip_special_tokens=True).lstrip()  # as the final answer is
+            if text.endswith("\ufffd"):
+                continue
+            sent = self._sent[b]
+            if text.startswith(sent) and len(text) > len(sent):
+                self._on_text(b, text[len(sent) :])
+                self._sent[b] = text
 
 
 def _strip_end_tokens(text: str, tokenizer: Any) -> str:

@@ -27,6 +27,8 @@ class TaskRequest:
         text: the phrase, question or prompt.
         config: the pruning config of THIS request (method and budget may differ inside one batch).
         max_new_tokens: generation cap for this request.
+        image_key: names the image's content (a hash of its bytes) for the embedding cache; None = never cached.
+        stream: report the answer's text piece by piece while it is decoded (`ModelRunner.execute(on_text=)`).
     """
 
     image: object
@@ -34,6 +36,8 @@ class TaskRequest:
     text: str
     config: PruningConfig = field(default_factory=PruningConfig)
     max_new_tokens: int = 32
+    image_key: str | None = None
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ class TaskResult:
         frame: where the original image sat in the model input (maps any model-input box or grid cell back).
         prompt_tokens: prompt length in tokens BEFORE pruning (text + visual).
         completion_tokens: generated tokens (up to and including EOS).
+        finish_reason: "stop" (EOS), "length" (the token cap) or "cancelled" (the caller gave up).
+        cache: "hit" when the vision tower did not run for this image (cached or shared in the batch), else "miss".
     """
 
     text: str
@@ -99,6 +105,8 @@ class TaskResult:
     frame: Frame
     prompt_tokens: int
     completion_tokens: int
+    finish_reason: str = "stop"
+    cache: str = "miss"
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -2,29 +2,45 @@
 
 from __future__ import annotations
 
+import sys
+
 import uvicorn
 
 from service.app import create_app
+from service.http_protocol import guarded_protocol
 from service.logs import configure_logging
 from service.server import DrainingServer
 from service.settings import Settings
 
 
 def main() -> None:
-    """Serve on NUWA_HOST:NUWA_PORT (default 127.0.0.1:8000) until SIGTERM/SIGINT, then drain and exit."""
+    """Serve on NUWA_HOST:NUWA_PORT (default 127.0.0.1:8000) until SIGTERM/SIGINT, then drain and exit.
+
+    Exits with code 3 when the model worker cannot be started at all (after NUWA_WORKER_START_ATTEMPTS).
+    """
     settings = Settings()
     configure_logging(settings.log_level)
-    app = create_app(settings)
+    server: DrainingServer | None = None
+
+    def on_fatal(message: str) -> None:
+        if server is not None:
+            server.exit_fatally(message)
+
+    app = create_app(settings, on_fatal=on_fatal)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=guarded_protocol(settings),
         log_config=None,
         access_log=False,
         lifespan="on",
+        timeout_keep_alive=settings.keep_alive_s,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
     )
-    DrainingServer(config, app=app, drain_timeout_s=settings.drain_timeout_s).run()
+    server = DrainingServer(config, app=app, drain_timeout_s=settings.drain_timeout_s)
+    server.run()
+    sys.exit(server.exit_code)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 A request is admitted (or refused with 429) right after its image header is read, before it is decoded or
 queued, so a refused request costs nothing (serving-anchors: vLLM #58192). Measuring the queue in visual tokens
-matters for VLMs because one 1000x1000 image can cost as much as ten small ones. A request holds its `Ticket`
-until it is handed to the worker (or fails, or its client leaves); the two depths are exported as gauges.
+matters for VLMs because one 1000x1000 image can cost as much as ten small ones. A request holds its `Ticket`'s
+queue share (one request, its visual tokens) until it is handed to the worker (or fails, or its client leaves);
+the two depths are exported as gauges. Its image bytes are held by the API process until the answer, so the
+ticket's byte share is released only then (`release_bytes`): the bound on bytes is the bound on what images can
+cost the API process's memory, however many requests are in flight.
 
 Load-adaptive degradation (`DegradationPolicy`): once the queue holds `start` requests, a NEW request's keep ratio
 is lowered, linearly in the queue depth, from what it asked for down to its floor (its own `min_budget`, else the
@@ -19,15 +22,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from models.budget import PruningConfig, keep_ratio_of
+from models.methods import get_method
 from service.errors import QueueFullError
 
 
 @dataclass(eq=False)
 class Ticket:
-    """One admitted request's share of the queue; release exactly once (`Admission.release` is idempotent)."""
+    """One admitted request's share of the queue and of image memory (both releases are idempotent)."""
 
     visual_tokens: int
+    image_bytes: int = 0
     released: bool = False
+    bytes_released: bool = False
 
 
 class Admission:
@@ -41,6 +47,8 @@ class Admission:
             still admitted when the queue is empty, so no request is refused forever; it then runs alone.
         retry_after_s: Seconds a refused client is told to wait (Retry-After header).
         on_change: Called with (requests, visual_tokens) after every change, to update the depth gauges.
+        max_image_bytes: Most encoded image bytes held at once (None: unbounded). A single larger image is still
+            admitted when no other image is held.
     """
 
     def __init__(
@@ -49,6 +57,7 @@ class Admission:
         max_visual_tokens: int,
         retry_after_s: int = 1,
         on_change: Callable[[int, int], None] | None = None,
+        max_image_bytes: int | None = None,
     ) -> None:
         if max_requests < 1 or max_visual_tokens < 1:
             raise ValueError(
@@ -58,8 +67,10 @@ class Admission:
         self.max_visual_tokens = max_visual_tokens
         self.retry_after_s = retry_after_s
         self._on_change = on_change
+        self.max_image_bytes = max_image_bytes
         self._requests = 0
         self._visual_tokens = 0
+        self._image_bytes = 0
 
     @property
     def requests(self) -> int:
@@ -71,11 +82,17 @@ class Admission:
         """Estimated visual tokens currently held."""
         return self._visual_tokens
 
-    def try_admit(self, visual_tokens: int) -> Ticket:
-        """Take a ticket for a request of `visual_tokens`, or refuse.
+    @property
+    def image_bytes(self) -> int:
+        """Encoded image bytes currently held."""
+        return self._image_bytes
+
+    def try_admit(self, visual_tokens: int, image_bytes: int = 0) -> Ticket:
+        """Take a ticket for a request of `visual_tokens` whose image is `image_bytes` long, or refuse.
 
         Raises:
-            QueueFullError: code `queue_full_requests` or `queue_full_visual_tokens`, with Retry-After.
+            QueueFullError: code `queue_full_requests`, `queue_full_visual_tokens` or `queue_full_image_bytes`,
+                with Retry-After.
         """
         if visual_tokens < 0:
             raise ValueError(f"visual_tokens must be >= 0, got {visual_tokens}")
@@ -93,19 +110,35 @@ class Admission:
                 code="queue_full_visual_tokens",
                 headers=headers,
             )
+        limit = self.max_image_bytes
+        if limit is not None and self._image_bytes > 0 and self._image_bytes + image_bytes > limit:
+            raise QueueFullError(
+                f"too many image bytes in flight: {self._image_bytes} held, this image has {image_bytes}, the "
+                f"bound is {limit} (NUWA_MAX_QUEUE_IMAGE_BYTES); retry later",
+                code="queue_full_image_bytes",
+                headers=headers,
+            )
         self._requests += 1
         self._visual_tokens += visual_tokens
+        self._image_bytes += image_bytes
         self._changed()
-        return Ticket(visual_tokens=visual_tokens)
+        return Ticket(visual_tokens=visual_tokens, image_bytes=image_bytes)
 
     def release(self, ticket: Ticket) -> None:
-        """Give the ticket's share back; a second release of the same ticket does nothing."""
+        """Give the ticket's queue share back (it left the queue); a second release does nothing."""
         if ticket.released:
             return
         ticket.released = True
         self._requests -= 1
         self._visual_tokens -= ticket.visual_tokens
         self._changed()
+
+    def release_bytes(self, ticket: Ticket) -> None:
+        """Give the ticket's image bytes back (the request was answered); a second release does nothing."""
+        if ticket.bytes_released:
+            return
+        ticket.bytes_released = True
+        self._image_bytes -= ticket.image_bytes
 
     def _changed(self) -> None:
         if self._on_change is not None:
@@ -168,7 +201,7 @@ class DegradationPolicy:
     ) -> tuple[PruningConfig, Degradation | None]:
         """The config a new request runs with at this queue depth, and what was changed (None = nothing).
 
-        Method `none` is an explicit request for every token and is never degraded. A budget is only ever
+        A method that keeps every token (`none`) is an explicit request for them and is never degraded. A budget is only ever
         lowered, never raised: when the floor is at or above what the request asked for, nothing changes.
 
         Args:
@@ -178,7 +211,7 @@ class DegradationPolicy:
             min_budget: The request's floor: int = average tokens, float = keep ratio; None = the default floor.
         """
         level = self.level(queue_depth)
-        if level <= 0.0 or config.method == "none" or visual_tokens < 1:
+        if level <= 0.0 or not get_method(config.method).prunes or visual_tokens < 1:
             return config, None
         floor_budget: int | float = self.floor if min_budget is None else min_budget
         floor_ratio = _ratio_of(floor_budget, visual_tokens)

@@ -2,11 +2,13 @@
 
 No torch and no process plumbing here, so each rule is unit-tested with small values:
 
-* `PendingQueue` holds admitted, decoded requests in arrival order; a request whose client left or whose deadline
-  passed is removed at once (`remove`), so it never reaches the worker.
-* `collect_batch` waits for the first request, then returns up to `max_batch_size` requests as soon as the batch
-  is full or the OLDEST request has waited `max_wait_s`, whichever comes first. Measuring the window from the
-  oldest request's arrival means requests that queued while the worker was busy leave immediately.
+* `PendingQueue` holds admitted requests in arrival order; a request whose client left or whose deadline passed is
+  removed at once (`remove`), so it never reaches the worker.
+* `collect_batch` never makes a request wait while the worker is idle: it returns at once with what is queued.
+  Only while the worker is busy does it gather company, until the batch is full (requests or visual tokens), the
+  OLDEST request has waited `max_wait_s`, or the worker becomes idle, whichever comes first: so requests that
+  queued during a running batch leave together the moment it ends, and `max_wait_s` is the longest wait, not the
+  usual one. (LitServe, by contrast, always waits its full `batch_timeout`.)
 * `run_splitting` runs a batch and, when it fails as a whole (CUDA out of memory, a bad per-request config),
   splits it in halves and retries, so only the request that cannot run alone fails.
 """
@@ -17,8 +19,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -36,12 +38,40 @@ class PendingItem(Generic[T]):
         payload: What the dispatcher sends on (opaque here).
         enqueued_at: `time.monotonic()` when it entered the queue.
         deadline: `time.monotonic()` after which it must not start.
+        cost: Its estimated (unpruned) visual tokens, for the batch's token bound.
     """
 
     payload: T
     enqueued_at: float
     deadline: float
-    extra: dict[str, object] = field(default_factory=dict)
+    cost: int = 0
+
+
+class Notifier:
+    """Wakes the single waiter when something changed (event-loop only; `wait` clears before it waits)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout_s: float | None = None) -> Awaitable[None]:
+        """An awaitable that returns at the next `notify` (or after `timeout_s`).
+
+        The flag is cleared NOW, when `wait` is called, not when the awaitable first runs: a `notify` that lands
+        between this call and the first await is not lost.
+        """
+        self._event.clear()
+        return self._wait(timeout_s)
+
+    async def _wait(self, timeout_s: float | None) -> None:
+        try:
+            await asyncio.wait_for(
+                self._event.wait(), timeout=None if timeout_s is None else max(timeout_s, 0)
+            )
+        except TimeoutError:
+            pass
 
 
 class PendingQueue(Generic[T]):
@@ -49,14 +79,14 @@ class PendingQueue(Generic[T]):
 
     def __init__(self) -> None:
         self._items: deque[PendingItem[T]] = deque()
-        self._changed = asyncio.Event()
+        self.changed = Notifier()
 
     def __len__(self) -> int:
         return len(self._items)
 
     def put(self, item: PendingItem[T]) -> None:
         self._items.append(item)
-        self._changed.set()
+        self.changed.notify()
 
     def remove(self, item: PendingItem[T]) -> bool:
         """Drop an item that is still waiting; False when it already left (taken into a batch)."""
@@ -64,46 +94,54 @@ class PendingQueue(Generic[T]):
             self._items.remove(item)
         except ValueError:
             return False
-        self._changed.set()
+        self.changed.notify()
         return True
 
     def oldest(self) -> PendingItem[T] | None:
         return self._items[0] if self._items else None
 
-    def take(self, count: int) -> list[PendingItem[T]]:
-        """Pop up to `count` items, oldest first."""
-        taken = []
+    def take(self, count: int, max_cost: int | None = None) -> list[PendingItem[T]]:
+        """Pop up to `count` items, oldest first, within `max_cost` summed cost (the first item always goes)."""
+        taken: list[PendingItem[T]] = []
+        total = 0
         while self._items and len(taken) < count:
+            cost = self._items[0].cost
+            if taken and max_cost is not None and total + cost > max_cost:
+                break
             taken.append(self._items.popleft())
+            total += cost
         return taken
 
     def take_all(self) -> list[PendingItem[T]]:
         return self.take(len(self._items))
 
-    async def wait_changed(self, timeout_s: float | None = None) -> None:
-        """Sleep until the next put/remove (or `timeout_s`)."""
-        self._changed.clear()
-        try:
-            if timeout_s is None:
-                await self._changed.wait()
-            else:
-                await asyncio.wait_for(self._changed.wait(), timeout=max(timeout_s, 0.0))
-        except TimeoutError:
-            pass
+    def batch_is_full(self, count: int, max_cost: int | None = None) -> bool:
+        """Whether the queue already holds a full batch (`count` items, or `max_cost` summed cost)."""
+        if len(self._items) >= count:
+            return True
+        if max_cost is None:
+            return False
+        return sum(item.cost for item in self._items) >= max_cost
 
 
 async def collect_batch(
     queue: PendingQueue[T],
     max_batch_size: int,
     max_wait_s: float,
+    busy: Callable[[], bool],
+    busy_changed: Notifier,
+    max_cost: int | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[PendingItem[T]]:
-    """Wait for a batch: full (`max_batch_size`) or the oldest item waited `max_wait_s`, whichever first.
+    """The next batch: at once while the worker is idle; while it is busy, when full or after `max_wait_s`.
 
     Args:
         queue: The pending queue (the caller is its only consumer).
         max_batch_size: Most items returned.
-        max_wait_s: Longest the oldest item waits for company.
+        max_wait_s: Longest the oldest item waits for company while the worker is busy.
+        busy: Whether the worker is running a batch now.
+        busy_changed: Notified when `busy()` may have changed (a batch finished).
+        max_cost: Most summed cost (visual tokens) in one batch; a single costlier item goes alone.
         clock: Monotonic clock in seconds (the items' `enqueued_at` uses the same one).
 
     Returns:
@@ -114,14 +152,22 @@ async def collect_batch(
     while True:
         oldest = queue.oldest()
         if oldest is None:
-            await queue.wait_changed()
+            await queue.changed.wait()
             continue
-        if len(queue) >= max_batch_size:
-            return queue.take(max_batch_size)
         remaining = oldest.enqueued_at + max_wait_s - clock()
-        if remaining <= 0:
-            return queue.take(max_batch_size)
-        await queue.wait_changed(remaining)
+        if not busy() or remaining <= 0 or queue.batch_is_full(max_batch_size, max_cost):
+            return queue.take(max_batch_size, max_cost)
+        await _first_of(queue.changed.wait(remaining), busy_changed.wait(remaining))
+
+
+async def _first_of(*waits: Awaitable[None]) -> None:
+    """Return when the first of the waits returns (the others are cancelled)."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def split_expired(
@@ -175,4 +221,4 @@ def run_splitting(
         )
 
 
-__all__ = ["PendingItem", "PendingQueue", "collect_batch", "run_splitting", "split_expired"]
+__all__ = ["Notifier", "PendingItem", "PendingQueue", "collect_batch", "run_splitting", "split_expired"]

@@ -1,4 +1,4 @@
-"""Typed dependency aliases: settings, supervisor, metrics and the API-key check, declared once."""
+"""Typed dependency aliases: settings, scheduler, supervisor, metrics, the CPU pool and the API-key check."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from fastapi import Depends, Request
 
 from service.errors import UnauthorizedError
 from service.metrics import ServiceMetrics
+from service.offload import Offloader
+from service.scheduler import Scheduler
 from service.settings import Settings
 from service.supervisor import Supervisor
 
@@ -21,13 +23,23 @@ def get_supervisor(request: Request) -> Supervisor:
     return request.app.state.supervisor
 
 
+def get_scheduler(request: Request) -> Scheduler:
+    return request.app.state.scheduler
+
+
 def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
+def get_offload(request: Request) -> Offloader:
+    return request.app.state.offload
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SupervisorDep = Annotated[Supervisor, Depends(get_supervisor)]
+SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+OffloadDep = Annotated[Offloader, Depends(get_offload)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:
@@ -55,9 +67,13 @@ ApiKeyDep = Depends(require_api_key)
 __all__ = [
     "ApiKeyDep",
     "MetricsDep",
+    "OffloadDep",
+    "SchedulerDep",
     "SettingsDep",
     "SupervisorDep",
     "get_metrics",
+    "get_offload",
+    "get_scheduler",
     "get_settings",
     "get_supervisor",
     "require_api_key",

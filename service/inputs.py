@@ -1,166 +1,60 @@
-"""Image inputs: bytes from multipart, base64, `data:` URLs or allow-listed http(s) URLs, checked then decoded.
+"""Where an image's bytes come from: a multipart upload, base64, a `data:` URL, or an allow-listed http(s) URL.
 
-Two steps on purpose (serving-anchors: "admit first, decode after"):
-
-1. `probe_image` reads only the header (PIL's lazy `Image.open`): format and size. It refuses unsupported types
-   (415) and images over `max_image_pixels` (413) before a single pixel is decompressed, so a decompression bomb
-   costs microseconds. The EXIF orientation is read here too, so the size used for admission is the upright one.
-2. `decode_image` (run in a thread, off the event loop) decodes the first frame, applies the EXIF orientation
-   and flattens transparency onto white, giving the RGB image the model sees.
+Only bytes are produced here; `service.images` reads the header and the worker decodes. Every way in is bounded:
+base64 is decoded off the event loop when large (`service.offload`), a `data:` URL must say it holds an image,
+any other URL scheme is refused by name, and a URL fetch is bounded in TOTAL time (not per read: an origin that
+trickles one byte at a time cannot hold a request past the fetch timeout or the request's deadline) and in size.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import io
 import re
-import warnings
-from dataclasses import dataclass
+import time
 from urllib.parse import urlsplit
 
 import httpx
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaError
+from service.errors import BadRequestError, DeadlineExceededError, PayloadTooLargeError, UnsupportedMediaError
+from service.offload import Offloader
+from service.settings import Settings
 
-SUPPORTED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
-"""PIL format names accepted as input (GIF and animated WebP: first frame)."""
-
-_EXIF_ORIENTATION = 0x0112
-_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # transposes and 90-degree rotations swap width and height
 _DATA_URL_RE = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)$", re.DOTALL
 )
-
-
-@dataclass(frozen=True)
-class ImageProbe:
-    """What the header says about an image, before decoding.
-
-    Attributes:
-        format: PIL format name, e.g. "PNG".
-        size: (width, height) upright, i.e. after the EXIF orientation is applied.
-        orientation: EXIF orientation tag (1 = as stored).
-    """
-
-    format: str
-    size: tuple[int, int]
-    orientation: int
-
-
-def configure_pil(max_image_pixels: int) -> None:
-    """Make PIL's own bomb guard agree with ours (it raises at 2x its limit and only warns at 1x).
-
-    The warning is silenced: `probe_image` refuses everything above 1x with a 413 anyway.
-    """
-    Image.MAX_IMAGE_PIXELS = max_image_pixels
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-
-def probe_image(data: bytes, max_image_pixels: int) -> ImageProbe:
-    """Check type and size from the header alone.
-
-    Args:
-        data: The encoded image.
-        max_image_pixels: Largest accepted width x height.
-
-    Returns:
-        The probe.
-
-    Raises:
-        BadRequestError: Empty data.
-        UnsupportedMediaError: Not an image PIL recognises, or a format outside `SUPPORTED_FORMATS`.
-        PayloadTooLargeError: Width x height above `max_image_pixels`.
-    """
-    if not data:
-        raise BadRequestError("the image is empty", code="empty_image")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format or "unknown"
-            width, height = img.size
-            orientation = 1
-            if fmt in SUPPORTED_FORMATS:
-                try:
-                    orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1))
-                except Exception:  # a broken EXIF block must not fail the request: treat as upright
-                    orientation = 1
-    except Image.DecompressionBombError as exc:
-        raise PayloadTooLargeError(str(exc), code="image_too_large") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UnsupportedMediaError(
-            f"the data is not a readable image ({exc.__class__.__name__}); send PNG, JPEG, WebP, GIF or BMP",
-            code="unsupported_image_type",
-        ) from exc
-    if fmt not in SUPPORTED_FORMATS:
-        raise UnsupportedMediaError(
-            f"image format {fmt} is not supported; send one of {sorted(SUPPORTED_FORMATS)}",
-            code="unsupported_image_type",
-        )
-    if width < 1 or height < 1:
-        raise BadRequestError(f"the image has no pixels ({width}x{height})", code="empty_image")
-    if width * height > max_image_pixels:
-        raise PayloadTooLargeError(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {max_image_pixels}",
-            code="image_too_large",
-        )
-    if orientation in _SWAPPING_ORIENTATIONS:
-        width, height = height, width
-    return ImageProbe(format=fmt, size=(width, height), orientation=orientation)
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode the first frame to upright RGB; call only after `probe_image` accepted the data.
-
-    Raises:
-        UnsupportedMediaError: The data is truncated or corrupt beyond its header.
-        PayloadTooLargeError: PIL's own bomb guard fired.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.seek(0)
-            img.load()
-            upright = ImageOps.exif_transpose(img)
-            return _to_rgb(upright)
-    except Image.DecompressionBombError as exc:
-        raise PayloadTooLargeError(str(exc), code="image_too_large") from exc
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise UnsupportedMediaError(f"the image could not be decoded: {exc}", code="corrupt_image") from exc
-
-
-_WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB with transparency composited on white (a bare convert would show transparent pixels as black).
-
-    16-bit greyscale (PNG) is scaled to 8 bits first: PIL's own convert clips every value above 255 to white.
-    """
-    if img.mode in _WIDE_GREY_MODES:
-        wide = np.asarray(img, dtype=np.int64)
-        img = Image.fromarray(np.clip(wide >> 8, 0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB") if img.mode != "RGB" else img.copy()
+_SCHEME_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]{0,15}):")
 
 
 def decode_base64_image(value: str) -> bytes:
     """Bytes of a `data:` URL (`data:image/png;base64,...`) or of a bare base64 string.
 
     Raises:
-        BadRequestError: Not valid base64, or a `data:` URL that is not base64-encoded.
+        BadRequestError: Not valid base64, a `data:` URL that is not base64-encoded, or a URL of another scheme.
+        UnsupportedMediaError: A `data:` URL whose media type is not an image.
     """
     text = value.strip()
-    if text.startswith("data:"):
+    scheme = _SCHEME_RE.match(text)
+    if text[:5].lower() == "data:":
         match = _DATA_URL_RE.match(text)
         if match is None:
             raise BadRequestError(
                 "a data: URL must be base64-encoded: data:image/png;base64,...", code="bad_image"
             )
+        mime = (match.group("mime") or "").lower()
+        if not mime.startswith("image/"):
+            raise UnsupportedMediaError(
+                f"a data: URL must carry an image (data:image/...), got {mime or 'no media type'!r}",
+                code="unsupported_image_type",
+            )
         text = match.group("data")
+    elif scheme is not None and "://" in text[: scheme.end() + 3]:
+        raise BadRequestError(
+            f"image URLs with the scheme {scheme.group('scheme')!r} are not supported; send the image as a "
+            "multipart upload, base64, a data:image/...;base64 URL, or an allow-listed http(s) URL",
+            code="unsupported_url_scheme",
+        )
     try:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -188,11 +82,13 @@ def host_allowed(url: str, allowlist: list[str]) -> bool:
 
 
 async def fetch_image_url(url: str, allowlist: list[str], max_bytes: int, timeout_s: float) -> bytes:
-    """Download an image URL, but only from an allow-listed host, without redirects, within `max_bytes`.
+    """Download an image URL, but only from an allow-listed host, without redirects, within `max_bytes` and
+    `timeout_s` IN TOTAL (connect, headers and every read together).
 
     Raises:
         BadRequestError: No allow-list, host not allowed, or the fetch failed.
         PayloadTooLargeError: The body exceeds `max_bytes`.
+        DeadlineExceededError: The whole fetch took longer than `timeout_s`.
     """
     if not allowlist:
         raise BadRequestError(
@@ -203,6 +99,19 @@ async def fetch_image_url(url: str, allowlist: list[str], max_bytes: int, timeou
         raise BadRequestError(
             f"image URL host is not on the allow-list: {urlsplit(url).hostname}", code="url_not_allowed"
         )
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _fetch(url, max_bytes, timeout_s)
+    except TimeoutError:
+        raise DeadlineExceededError(
+            f"fetching the image URL took longer than {timeout_s:.3g} s in total "
+            f"(gave up after {time.monotonic() - started:.1f} s; NUWA_URL_FETCH_TIMEOUT_S or the request deadline)",
+            code="url_fetch_timeout",
+        ) from None
+
+
+async def _fetch(url: str, max_bytes: int, timeout_s: float) -> bytes:
     try:
         async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
             async with client.stream("GET", url) as response:
@@ -227,14 +136,31 @@ async def fetch_image_url(url: str, allowlist: list[str], max_bytes: int, timeou
     return b"".join(chunks)
 
 
+async def image_bytes_of(
+    upload: bytes | None, ref: str | None, settings: Settings, offload: Offloader, deadline: float
+) -> bytes:
+    """The encoded image from an upload or a reference string (400 when there is none), within the deadline."""
+    if upload is not None:
+        return upload
+    if ref is None or not ref.strip():
+        raise BadRequestError("missing field 'image'", code="missing_field")
+    if is_remote_url(ref):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceededError("the request deadline passed before the image URL was fetched")
+        return await fetch_image_url(
+            ref.strip(),
+            settings.image_url_allowlist,
+            settings.max_body_bytes,
+            min(settings.url_fetch_timeout_s, remaining),
+        )
+    return await offload.run(len(ref), decode_base64_image, ref)
+
+
 __all__ = [
-    "SUPPORTED_FORMATS",
-    "ImageProbe",
-    "configure_pil",
     "decode_base64_image",
-    "decode_image",
     "fetch_image_url",
     "host_allowed",
+    "image_bytes_of",
     "is_remote_url",
-    "probe_image",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from models.embedding_cache import CacheStats
 from models.tasks import BatchTimings, VisualTokenReport
 
 STAGES = ("preprocess", "vision", "prune", "prefill", "decode")
@@ -55,8 +56,39 @@ class ServiceMetrics:
         )
         self.image_decode_seconds = Histogram(
             "nuwa_image_decode_seconds",
-            "API-side image decode + EXIF transpose.",
+            "Worker-side image decode (bounded by what the model reads) + EXIF transpose, per request.",
             buckets=_SECONDS,
+            registry=reg,
+        )
+        self.ipc_seconds = Histogram(
+            "nuwa_ipc_seconds",
+            "Time a request and its answer spent between the processes (serialisation, pipe, reader threads).",
+            buckets=_SECONDS,
+            registry=reg,
+        )
+        self.embed_cache_requests = Counter(
+            "nuwa_embed_cache_requests_total",
+            "Answered requests by embedding-cache result (hit = the vision tower did not run for the image).",
+            ["result"],
+            registry=reg,
+        )
+        self.embed_cache_events = Counter(
+            "nuwa_embed_cache_events_total",
+            "Embedding-cache lookups and evictions in the worker, by event (hit, miss, eviction).",
+            ["event"],
+            registry=reg,
+        )
+        self.embed_cache_bytes = Gauge(
+            "nuwa_embed_cache_bytes", "Bytes of vision outputs the embedding cache holds.", registry=reg
+        )
+        self.embed_cache_capacity_bytes = Gauge(
+            "nuwa_embed_cache_capacity_bytes",
+            "The embedding cache's bound (NUWA_EMBED_CACHE_MB).",
+            registry=reg,
+        )
+        self.queue_image_bytes = Gauge(
+            "nuwa_queue_image_bytes",
+            "Encoded image bytes the API process holds for admitted, unanswered requests.",
             registry=reg,
         )
         self.visual_tokens_original = Histogram(
@@ -100,7 +132,9 @@ class ServiceMetrics:
             registry=reg,
         )
         self.requests_running = Gauge(
-            "nuwa_requests_running", "Requests in the batch the worker is running.", registry=reg
+            "nuwa_requests_running",
+            "Requests in the batches the worker holds (running, or prepared to run next).",
+            registry=reg,
         )
         self.rejections = Counter(
             "nuwa_rejections_total",
@@ -133,13 +167,32 @@ class ServiceMetrics:
         self.queue_depth_requests.set(requests)
         self.queue_depth_visual_tokens.set(visual_tokens)
 
+    def record_batch(self, timings: BatchTimings) -> None:
+        """Record one batch's stage seconds (once per batch, however many requests shared it)."""
+        for stage in STAGES:
+            self.stage_seconds.labels(stage=stage).observe(getattr(timings, stage))
+
+    def record_cache(self, stats: CacheStats, previous: CacheStats | None) -> None:
+        """Advance the cache counters by what changed since `previous` (a new worker starts from zero)."""
+        before = previous if previous is not None and previous.hits <= stats.hits else None
+        for event, now, then in (
+            ("hit", stats.hits, before.hits if before else 0),
+            ("miss", stats.misses, before.misses if before else 0),
+            ("eviction", stats.evictions, before.evictions if before else 0),
+        ):
+            if now > then:
+                self.embed_cache_events.labels(event=event).inc(now - then)
+        self.embed_cache_bytes.set(stats.bytes)
+        self.embed_cache_capacity_bytes.set(stats.capacity_bytes)
+
     def record_result(
         self,
         *,
         queue_s: float,
         ttft_s: float,
         decode_image_s: float,
-        timings: BatchTimings,
+        ipc_s: float,
+        cache: str,
         report: VisualTokenReport,
         prompt_tokens: int,
         completion_tokens: int,
@@ -148,8 +201,8 @@ class ServiceMetrics:
         self.queue_time.observe(queue_s)
         self.time_to_first_token.observe(ttft_s)
         self.image_decode_seconds.observe(decode_image_s)
-        for stage in STAGES:
-            self.stage_seconds.labels(stage=stage).observe(getattr(timings, stage))
+        self.ipc_seconds.observe(ipc_s)
+        self.embed_cache_requests.labels(result=cache).inc()
         self.visual_tokens_original.observe(report.original)
         self.visual_tokens_kept.labels(stage="stage1").observe(report.stage1)
         self.visual_tokens_kept.labels(stage="stage2").observe(report.stage2)

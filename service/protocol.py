@@ -42,10 +42,16 @@ class VisualTokensOut(BaseModel):
 
 
 class TimingMsOut(BaseModel):
-    queue: float = Field(description="Waiting in the batching queue.")
-    image_decode: float = Field(description="API-side decode + EXIF transpose (before queueing).")
+    queue: float = Field(description="Waiting in the batching queue (0 when the worker was idle).")
+    ipc: float = Field(description="Between the processes: the request to the worker and the answer back.")
+    image_decode: float = Field(
+        description="Worker: decode (bounded by what the model reads) + EXIF transpose."
+    )
     preprocess: float = Field(description="Worker: resize/normalise + tokenise, for the whole batch.")
-    vision: float = Field(description="Worker: vision encoder.")
+    wait: float = Field(
+        description="Worker: the prepared batch waiting for the previous one to finish (pipelining)."
+    )
+    vision: float = Field(description="Worker: vision encoder (0 on an embedding-cache hit).")
     prune: float = Field(description="Worker: stage-1 pruning.")
     prefill: float = Field(description="Worker: LLM prefill (includes the stage-2 drop).")
     decode: float = Field(description="Worker: token generation after the first token.")
@@ -84,6 +90,10 @@ class _TaskResponseBase(BaseModel):
     visual_tokens: VisualTokensOut
     timing_ms: TimingMsOut
     batch_size: int = Field(description="Requests in the batched forward this request ran in.")
+    cache: Literal["hit", "miss"] = Field(
+        description="hit: the vision encoder did not run for this image (embedding cache, or the same image "
+        "earlier in the batch); miss: it ran."
+    )
     raw_output: str = Field(description="What the model literally generated (special tokens kept).")
     kept_tokens: KeptTokensOut | None = Field(default=None, description="Only with ?include=kept_tokens.")
     degradation: DegradationOut | None = Field(
@@ -91,9 +101,24 @@ class _TaskResponseBase(BaseModel):
     )
 
 
-class GroundResponse(_TaskResponseBase):
+class PhraseResultOut(BaseModel):
+    """One phrase's answer in a several-phrase /ground request."""
+
     phrase: str
     boxes: list[BoxOut] = Field(description="Best first; empty (not an error) when the model gave no box.")
+    raw_output: str
+    visual_tokens: VisualTokensOut = Field(
+        description="Stage 2 depends on the text, so each phrase has its own."
+    )
+    cache: Literal["hit", "miss"]
+
+
+class GroundResponse(_TaskResponseBase):
+    phrase: str = Field(description="The (first) phrase; with several phrases, `results` has all of them.")
+    boxes: list[BoxOut] = Field(description="Best first; empty (not an error) when the model gave no box.")
+    results: list[PhraseResultOut] = Field(
+        description="One entry per phrase, in request order (the first equals the top-level fields)."
+    )
 
 
 class AnswerResponse(_TaskResponseBase):
@@ -105,7 +130,12 @@ class GroundJsonRequest(BaseModel):
     """JSON form of POST /ground (multipart/form-data takes the same field names)."""
 
     image: str = Field(description="Base64 image, a data: URL, or an http(s) URL if allow-listed.")
-    phrase: str = Field(description="Referring expression, e.g. 'the red circle'.")
+    phrase: str | None = Field(default=None, description="Referring expression, e.g. 'the red circle'.")
+    phrases: list[str] | None = Field(
+        default=None,
+        description="Several referring expressions for the same image (instead of `phrase`): the vision "
+        "encoder runs once, the phrases run as one batch, one result per phrase (at most NUWA_MAX_PHRASES).",
+    )
     budget: int | float | str | None = Field(default=None, description="64 (tokens) or 0.25 (keep ratio).")
     method: str | None = Field(default=None, description="Pruning method; default NUWA_DEFAULT_METHOD.")
     min_budget: int | float | str | None = Field(
@@ -158,6 +188,13 @@ class NuwaOptions(BaseModel):
     )
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = Field(
+        default=None, description="Send `usage` (with image tokens before and after pruning) in a last chunk."
+    )
+
+
 class ChatCompletionRequest(BaseModel):
     """https://platform.openai.com/docs/api-reference/chat/create (the subset that applies; others ignored)."""
 
@@ -167,6 +204,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stream: bool | None = False
+    stream_options: StreamOptions | None = None
     n: int | None = Field(default=1, ge=1)
     temperature: float | None = None
     top_p: float | None = None
@@ -202,6 +240,7 @@ class ChatNuwaInfo(BaseModel):
     visual_tokens: VisualTokensOut
     timing_ms: TimingMsOut
     batch_size: int
+    cache: Literal["hit", "miss"]
     image_size: list[int]
     model_input_size: list[int]
     degradation: DegradationOut | None = None
@@ -215,6 +254,29 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: ChatUsage
     nuwa: ChatNuwaInfo
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streaming chat completion (`data: {...}`), as OpenAI sends them."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: ChatUsage | None = None
+    nuwa: ChatNuwaInfo | None = None
 
 
 class ModelCard(BaseModel):
@@ -239,6 +301,11 @@ class ReadyResponse(BaseModel):
     reason: str | None = None
     model: str | None = None
     device: str | None = None
+    load: dict[str, Any] | None = Field(
+        default=None,
+        description="Queued requests and visual tokens, batches and requests in the worker, the oldest batch's "
+        "age in seconds.",
+    )
 
 
 __all__ = [
@@ -247,6 +314,7 @@ __all__ = [
     "BoxOut",
     "ChatChoice",
     "ChatChoiceMessage",
+    "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
     "ChatMessage",
@@ -264,6 +332,8 @@ __all__ = [
     "ModelCard",
     "ModelList",
     "NuwaOptions",
+    "PhraseResultOut",
+    "StreamOptions",
     "ReadyResponse",
     "TimingMsOut",
     "VisualTokensOut",

@@ -41,16 +41,18 @@ def render_overlay(
     grid: tuple[int, int],
     kept_stage1: Sequence[tuple[int, int]],
     kept_stage2: Sequence[tuple[int, int]],
+    scale: float = 1.0,
 ) -> bytes:
     """Draw the overlay and encode it as PNG.
 
     Args:
-        image: The upright RGB input image.
+        image: The upright RGB input image (possibly scaled down by `scale`).
         boxes: (label, [x1, y1, x2, y2] original pixels), best first.
         frame: Where the image sat in the model input.
         grid: (rows, cols) of the visual-token grid.
         kept_stage1: (row, col) of each cell fed to the LLM.
         kept_stage2: (row, col) of the cells kept after stage 2 (a subset of `kept_stage1`).
+        scale: `image`'s pixels per original pixel (below 1 when a large input was scaled down for the overlay).
 
     Returns:
         PNG bytes of an image of the same size as `image`.
@@ -59,7 +61,8 @@ def render_overlay(
     overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
     final = {tuple(cell) for cell in kept_stage2}
-    for cell, (x1, y1, x2, y2) in cell_boxes(frame, grid, kept_stage1):
+    for cell, box in cell_boxes(frame, grid, kept_stage1):
+        x1, y1, x2, y2 = (value * scale for value in box)
         if x2 - x1 < 1e-6 or y2 - y1 < 1e-6:
             continue  # a cell of the padding: nothing of the original image lies under it
         tint = STAGE2_TINT if tuple(cell) in final else STAGE1_TINT
@@ -67,7 +70,8 @@ def render_overlay(
     composed = Image.alpha_composite(base, overlay)
     draw = ImageDraw.Draw(composed)
     width = max(2, round(max(base.size) / 150))
-    for index, (label, (x1, y1, x2, y2)) in enumerate(boxes):
+    for index, (label, box) in enumerate(boxes):
+        x1, y1, x2, y2 = (value * scale for value in box)
         draw.rectangle(
             (x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=BOX_COLOUR, width=width if index == 0 else 1
         )

@@ -25,7 +25,7 @@ class DrainingServer(uvicorn.Server):
 
     Args:
         config: uvicorn config (its app must be `app`).
-        app: The FastAPI app, whose `state.supervisor` is drained.
+        app: The FastAPI app, whose `state.scheduler` is drained.
         drain_timeout_s: Longest drain before shutting down anyway.
     """
 
@@ -36,6 +36,14 @@ class DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_started = False
         self._drain_task: asyncio.Task[None] | None = None
+        self.exit_code = 0
+
+    def exit_fatally(self, message: str) -> None:
+        """Stop serving at once and exit with code 3 (the model worker cannot start: see `message`)."""
+        logger.critical("exiting with code 3: %s", message)
+        self.exit_code = 3
+        self._drain_started = True
+        self.should_exit = True
 
     async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
         self._loop = asyncio.get_running_loop()
@@ -57,10 +65,10 @@ class DrainingServer(uvicorn.Server):
         self._drain_task = self._loop.create_task(self._drain())
 
     async def _drain(self) -> None:
-        supervisor = getattr(self._app.state, "supervisor", None)
+        scheduler = getattr(self._app.state, "scheduler", None)
         try:
-            if supervisor is not None:
-                await supervisor.drain(self._drain_timeout_s)
+            if scheduler is not None:
+                await scheduler.drain(self._drain_timeout_s)
         finally:
             self.should_exit = True
 

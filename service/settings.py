@@ -36,10 +36,52 @@ class Settings(BaseSettings):
     worker_start_timeout_s: float = Field(
         default=300.0, gt=0, description="Load + warm-up longer than this counts as a failed worker start."
     )
+    worker_start_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Consecutive failed worker starts after which the service stops retrying and exits non-zero.",
+    )
+    worker_failure_exit_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="After the last failed start, the server exits with code 3 this many seconds later (0 = stays "
+        "up, unready, with the cause on /healthz and /readyz).",
+    )
+    batch_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="A batch running longer fails its requests (503 worker_stuck) and restarts the worker "
+        "(unset = NUWA_REQUEST_TIMEOUT_S + 10).",
+    )
+    liveness_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long the worker's control thread may take to answer a /healthz ping.",
+    )
+    embed_cache_mb: float = Field(
+        default=256.0,
+        ge=0,
+        description="Image-embedding cache of the worker (vision outputs by image content), in MB; 0 disables.",
+    )
     # --- batching ---
     max_batch_size: int = Field(default=8, ge=1, description="Most requests in one batched forward.")
+    max_batch_visual_tokens: int = Field(
+        default=16384,
+        ge=1,
+        description="Most estimated (unpruned) visual tokens in one batch (a single larger request runs alone).",
+    )
     max_wait_ms: float = Field(
-        default=10.0, ge=0, description="How long the oldest queued request may wait for the batch to fill."
+        default=10.0,
+        ge=0,
+        description="Longest a queued request waits for company while the worker is busy (an idle worker "
+        "gets it at once).",
+    )
+    pipeline_depth: int = Field(
+        default=2,
+        ge=1,
+        le=4,
+        description="Batches the worker holds at once: 2 = the next batch is decoded and preprocessed while "
+        "one runs.",
     )
     # --- admission ---
     max_queue_requests: int = Field(
@@ -49,6 +91,12 @@ class Settings(BaseSettings):
         default=65536,
         ge=1,
         description="Most estimated (unpruned) visual tokens admitted and not yet running.",
+    )
+    max_queue_image_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        description="Most encoded image bytes admitted and not yet answered (a single larger image is still "
+        "admitted into an empty queue).",
     )
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After seconds sent with 429 and 503.")
     # --- load-adaptive degradation ---
@@ -85,11 +133,38 @@ class Settings(BaseSettings):
         default=40_000_000, ge=1, description="Largest width x height, checked on the header before decoding."
     )
     max_phrase_chars: int = Field(default=1000, ge=1, description="Longest phrase, question or chat prompt.")
+    max_phrases: int = Field(default=16, ge=1, description="Most phrases in one /ground request.")
+    max_json_depth: int = Field(default=32, ge=2, description="Deepest nesting accepted in a JSON body.")
+    decode_threads: int = Field(
+        default=2,
+        ge=1,
+        description="API-side threads that parse large JSON bodies, base64 and image headers.",
+    )
+    render_max_side: int = Field(
+        default=2048,
+        ge=64,
+        description="Longest side of a ?render=png overlay (larger inputs are scaled down).",
+    )
     image_url_allowlist: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Hosts (or *.suffix) whose http(s) image URLs the server may fetch; empty = never fetch.",
     )
-    url_fetch_timeout_s: float = Field(default=10.0, gt=0, description="Timeout of one allowed URL fetch.")
+    url_fetch_timeout_s: float = Field(
+        default=10.0, gt=0, description="Longest an allowed URL fetch may take in all (not per read)."
+    )
+    # --- connections ---
+    max_connections: int = Field(
+        default=512, ge=1, description="Most concurrent connections; more are answered 503 at once."
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="A connection must send a request's complete headers within this."
+    )
+    body_idle_timeout_s: float = Field(
+        default=10.0, gt=0, description="Longest pause between two pieces of a request body (408 after)."
+    )
+    keep_alive_s: int = Field(
+        default=5, ge=1, description="An idle keep-alive connection is closed after this."
+    )
     # --- defaults of a request ---
     default_method: str = Field(default="nuwa", description="Pruning method when a request names none.")
     default_budget: int | float | None = Field(
@@ -97,6 +172,11 @@ class Settings(BaseSettings):
         description="Budget when a request names none (int tokens, float keep ratio, empty = all).",
     )
     max_new_tokens: int = Field(default=32, ge=1, description="Generation cap of every request.")
+    fault_injection: str | None = Field(
+        default=None,
+        description="TEST ONLY: 'hang:<text>' or 'sleep:<seconds>:<text>' makes the worker stall on a request "
+        "whose text contains <text> (watchdog and liveness tests).",
+    )
     # --- security ---
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated Bearer tokens; empty = no authentication."
@@ -152,6 +232,16 @@ class Settings(BaseSettings):
     def max_wait_s(self) -> float:
         """`max_wait_ms` in seconds (the batching code works in seconds)."""
         return self.max_wait_ms / 1000.0
+
+    @property
+    def batch_timeout(self) -> float:
+        """The batch watchdog's bound in seconds (`batch_timeout_s`, defaulting from the request deadline)."""
+        return self.batch_timeout_s if self.batch_timeout_s is not None else self.request_timeout_s + 10.0
+
+    @property
+    def embed_cache_bytes(self) -> int:
+        """`embed_cache_mb` in bytes (0 = no cache)."""
+        return int(self.embed_cache_mb * 1024 * 1024)
 
 
 __all__ = ["Settings"]

@@ -1,42 +1,33 @@
-"""The worker process: owns the model and the device, runs one batch at a time, answers as data.
+"""The worker process: owns the model and the device, answers as data.
 
 Started by the supervisor with multiprocessing "spawn" (safe with CUDA; the API process never imports torch).
 Order matters: load the model, run the warm-up forward on a real image, start the control thread, THEN say
-`WorkerReady`, so /readyz is only true once a real forward has succeeded on this device.
+`WorkerReady`, so /readyz is only true once a real forward has succeeded on this device. `WorkerReady` also
+carries what the API needs to admit requests without asking again: the image geometry, the LLM's depth and
+positions, the prompt overhead and the tokenizer's special tokens.
 
-Failures stay per request: a batch that raises (CUDA out of memory, a config the engine refuses) is split and
-retried (`service.batching.run_splitting`), and only a request that fails alone gets a `WorkerFailure`.
+Threads: the main thread runs batches (`service.worker_pipeline`), a reader thread prepares the next batch, and a
+control thread answers /healthz pings without waiting for model work: while a batch runs it reports the batch's
+age and decoding progress instead of touching the device, and when idle it runs a tiny computation on the device
+(on its own CUDA stream, so it never queues behind the model's kernels).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.batching import run_splitting
 from service.logs import configure_logging
-from service.messages import (
-    BatchDone,
-    EstimateQuery,
-    EstimateReply,
-    ItemResult,
-    PingQuery,
-    PingReply,
-    RunBatch,
-    Shutdown,
-    WorkerFailure,
-    WorkerReady,
-    WorkerStartFailed,
-    WorkItem,
-)
+from service.messages import PingQuery, PingReply, WorkerReady, WorkerStartFailed
+from service.outbox import Outbox
 from service.settings import Settings
+from service.worker_pipeline import FaultInjection, Progress, WorkerPipeline
 
 if TYPE_CHECKING:  # the API process imports this module for `run_worker` and must not load torch
     from models.runner import ModelRunner
@@ -49,22 +40,31 @@ def run_worker(settings: Settings, batch_conn: Connection, ctrl_conn: Connection
 
     Args:
         settings: The API process's validated settings (pickled into the child).
-        batch_conn: Receives `RunBatch`/`Shutdown`; sends `WorkerReady`/`WorkerStartFailed`/`BatchDone`.
-        ctrl_conn: Receives `EstimateQuery`/`PingQuery`; the control thread answers them.
+        batch_conn: Receives `RunBatch`/`Cancel`/`Shutdown`; sends everything else (through one `Outbox`).
+        ctrl_conn: Receives `PingQuery`; the control thread answers.
     """
     configure_logging(settings.log_level)
     # Ctrl+C in a terminal reaches the whole process group; the API process decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    outbox = Outbox(batch_conn, "nuwa-worker-send")
     try:
         runner, ready = _load(settings)
     except Exception as exc:  # any load failure is reported as data, then the process exits non-zero
         logger.exception("worker failed to start")
-        _send_quietly(batch_conn, WorkerStartFailed(message=f"{type(exc).__name__}: {exc}"))
+        outbox.send(WorkerStartFailed(message=f"{type(exc).__name__}: {exc}", hint=start_failure_hint(exc)))
+        outbox.close()
         raise SystemExit(1) from None
+    pipeline = WorkerPipeline(
+        runner,
+        outbox,
+        embedding_cache=_embedding_cache(settings),
+        cache_namespace=f"{ready.model_name}:{ready.geometry!r}",
+        fault_injection=FaultInjection.parse(settings.fault_injection),
+    )
     threading.Thread(
-        target=_serve_control, args=(runner, ctrl_conn), name="nuwa-control", daemon=True
+        target=_serve_control, args=(runner, ctrl_conn, pipeline.progress), name="nuwa-control", daemon=True
     ).start()
-    batch_conn.send(ready)
+    outbox.send(ready)
     logger.info(
         "worker ready: model %s on %s (load %.1f s, warm-up %.1f s)",
         ready.model_name,
@@ -72,19 +72,17 @@ def run_worker(settings: Settings, batch_conn: Connection, ctrl_conn: Connection
         ready.load_s,
         ready.warmup_s,
     )
-    while True:
-        try:
-            message = batch_conn.recv()
-        except (EOFError, OSError):  # the API process is gone
-            break
-        if isinstance(message, Shutdown):
-            break
-        if isinstance(message, RunBatch):
-            outcomes = run_batch(runner, message.items)
-            batch_conn.send(BatchDone(batch_id=message.batch_id, outcomes=tuple(outcomes)))
-        else:
-            logger.error("worker ignored an unknown message %s", type(message).__name__)
+    pipeline.serve(batch_conn)
+    outbox.close()
     logger.info("worker exiting")
+
+
+def _embedding_cache(settings: Settings):  # noqa: ANN202 (torch-side type, imported lazily)
+    if settings.embed_cache_bytes <= 0:
+        return None
+    from models.embedding_cache import EmbeddingCache
+
+    return EmbeddingCache(settings.embed_cache_bytes)
 
 
 def _load(settings: Settings) -> tuple[ModelRunner, WorkerReady]:
@@ -92,114 +90,91 @@ def _load(settings: Settings) -> tuple[ModelRunner, WorkerReady]:
 
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
-    from models.loading import load_runner
+    from models.loading import load_runner, resolve_model_dir
 
     started = time.monotonic()
     runner = load_runner(settings.model, device=settings.device)
     loaded = time.monotonic()
     runner.warmup()
     warmed = time.monotonic()
-    side = max(1, math.isqrt(settings.max_image_pixels))
+    tokenizer_file = resolve_model_dir(settings.model) / "tokenizer.json"
     ready = WorkerReady(
         pid=os.getpid(),
         model_name=runner.name,
         device=runner.device,
         load_s=loaded - started,
         warmup_s=warmed - loaded,
-        fallback_visual_tokens=runner.estimate_visual_tokens((side, side)),
+        family=runner.adapter.family,
+        geometry=runner.geometry,
+        num_llm_layers=runner.adapter.num_llm_layers,
+        max_positions=runner.max_positions,
+        prompt_overhead_tokens=runner.prompt_overhead_tokens(),
+        tokenizer_file=str(tokenizer_file) if Path(tokenizer_file).is_file() else None,
+        special_tokens=runner.special_tokens,
     )
     return runner, ready
 
 
-def run_batch(runner: ModelRunner, items: Sequence[WorkItem]) -> list[ItemResult | WorkerFailure]:
-    """Run one batch: refuse items past their deadline, run the rest split-on-failure, keep the input order."""
-    now = time.monotonic()
-    outcomes: dict[str, ItemResult | WorkerFailure] = {}
-    live = []
-    for item in items:
-        if item.deadline <= now:
-            outcomes[item.request_id] = WorkerFailure(
-                item.request_id, 504, "deadline_exceeded", "the deadline passed before the batch started"
-            )
-        else:
-            live.append(item)
-
-    def run(batch: Sequence[WorkItem]) -> list[ItemResult]:
-        results, timings = runner.run([item.task for item in batch])
-        if len(results) != len(batch):
-            raise RuntimeError(f"the runner returned {len(results)} results for {len(batch)} requests")
-        return [
-            ItemResult(request_id=item.request_id, result=result, timings=timings, batch_size=len(batch))
-            for item, result in zip(batch, results, strict=True)
-        ]
-
-    for outcome in run_splitting(run, live, _failure_of, _before_retry):
-        outcomes[outcome.request_id] = outcome
-    return [outcomes[item.request_id] for item in items]
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA (or other device) out-of-memory, by type or by the message torch uses."""
-    import torch
-
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def _failure_of(item: WorkItem, exc: BaseException) -> WorkerFailure:
-    if is_out_of_memory(exc):
-        logger.error("request %s does not fit in device memory even alone: %s", item.request_id, exc)
-        return WorkerFailure(
-            item.request_id, 503, "out_of_memory", "the request does not fit in device memory"
+def start_failure_hint(exc: BaseException) -> str:
+    """What to fix, for the failures a first deployment meets."""
+    text = str(exc)
+    if isinstance(exc, FileNotFoundError) and "config.json" in text:
+        return "point NUWA_MODEL at a local model directory that contains config.json (or 'builtin')"
+    if "image placeholders but" in text:
+        return (
+            "the processor's image-token count does not match the vision tower: check processor_config.json "
+            "(num_additional_image_tokens, patch_size, vision_feature_select_strategy) against config.json"
         )
-    if isinstance(exc, ValueError):
-        return WorkerFailure(item.request_id, 422, "invalid_request", str(exc))
-    logger.error("request %s failed in the worker", item.request_id, exc_info=exc)
-    return WorkerFailure(item.request_id, 500, "worker_error", f"{type(exc).__name__}: {exc}")
+    if "unsupported model_type" in text:
+        return "NUWA_MODEL must be a LLaVA-1.5, Qwen2.5-VL or Qwen3-VL checkpoint"
+    if "out of memory" in text.lower():
+        return "the model does not fit on this device: use a larger device, a smaller model or NUWA_DEVICE"
+    return "see the traceback logged above"
 
 
-def _before_retry(exc: BaseException) -> None:
-    if is_out_of_memory(exc):
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def _serve_control(runner: ModelRunner, conn: Connection) -> None:
-    """Answer admission estimates and health pings while the main thread runs batches."""
+def _serve_control(runner: ModelRunner, conn: Connection, progress: Progress) -> None:
+    """Answer health pings (this thread is the only writer of the control pipe)."""
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):
             return
-        if isinstance(message, EstimateQuery):
-            reply: EstimateReply | PingReply
-            try:
-                tokens = runner.estimate_visual_tokens(message.image_size)
-                width, height = runner.frame_for(message.image_size).input_size
-                reply = EstimateReply(message.query_id, tokens, (int(width), int(height)))
-            except Exception as exc:
-                reply = EstimateReply(message.query_id, 0, (0, 0), error=f"{type(exc).__name__}: {exc}")
-        elif isinstance(message, PingQuery):
-            ok, detail = _check_device(runner.device)
-            reply = PingReply(message.query_id, ok, detail)
-        else:
+        if not isinstance(message, PingQuery):
             continue
-        if not _send_quietly(conn, reply):
+        busy_since = progress.busy_since
+        if busy_since is not None:  # a batch runs: report its progress rather than queue behind it
+            reply = PingReply(
+                message.query_id,
+                True,
+                runner.device,
+                busy_s=time.monotonic() - busy_since,
+                steps=progress.steps,
+            )
+        else:
+            ok, detail = check_device(runner.device)
+            reply = PingReply(message.query_id, ok, detail, steps=progress.steps)
+        try:
+            conn.send(reply)
+        except (OSError, EOFError):
             return
 
 
-def _check_device(device: str) -> tuple[bool, str]:
-    """A tiny real computation on the device: a broken CUDA context fails here, not only in the next batch."""
+def check_device(device: str) -> tuple[bool, str]:
+    """A tiny real computation on the device: a broken CUDA context fails here, not only in the next batch.
+
+    On CUDA it runs on a stream of its own and synchronises only that stream, so it never waits for the
+    model's kernels on the default stream.
+    """
     import torch
 
     try:
-        values = torch.ones(8, device=device)
-        total = float((values * 2).sum().item())
         if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
+            stream = torch.cuda.Stream(device=device)
+            with torch.cuda.stream(stream):
+                total = float((torch.ones(8, device=device) * 2).sum().item())
+            stream.synchronize()
+        else:
+            total = float((torch.ones(8) * 2).sum().item())
     except Exception as exc:
         return False, f"{type(exc).__name__}: {exc}"
     if total != 16.0:
@@ -207,12 +182,4 @@ def _check_device(device: str) -> tuple[bool, str]:
     return True, device
 
 
-def _send_quietly(conn: Connection, message: object) -> bool:
-    try:
-        conn.send(message)
-    except (OSError, EOFError):
-        return False
-    return True
-
-
-__all__ = ["is_out_of_memory", "run_batch", "run_worker"]
+__all__ = ["check_device", "run_worker", "start_failure_hint"]

@@ -4,7 +4,9 @@ Kept apart from the supervisor's queueing logic because its job is purely mechan
 multiprocessing "spawn" (CUDA-safe; the parent never imports torch), hand it fresh pipes (a process killed
 mid-write can leave a pipe unusable, so nothing is reused across restarts), and forward everything the worker
 sends. The reader thread waits on both pipes AND the process sentinel, so a worker that dies, even by SIGKILL,
-is reported at once rather than at the next poll.
+is reported at once rather than at the next poll. Each pipe has exactly one writer on this side: the batch pipe an
+`Outbox` thread (batches, cancels and the final `Shutdown` go through it in order, so pickling a big batch never
+blocks the event loop and two messages never interleave), the control pipe a lock-guarded send.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnContext
 
 from service.messages import Shutdown, WorkerReady
+from service.outbox import Outbox
 from service.settings import Settings
 from service.worker import run_worker
 
@@ -53,6 +56,8 @@ class WorkerProcess:
         self.process.start()
         batch_child.close()  # only the child may hold its ends, or EOF never arrives when it dies
         ctrl_child.close()
+        self._outbox = Outbox(self._batch_conn, f"nuwa-send-{number}")
+        self._ctrl_lock = threading.Lock()
         threading.Thread(target=self._read, name=f"nuwa-pump-{number}", daemon=True).start()
 
     @property
@@ -66,13 +71,14 @@ class WorkerProcess:
     def is_alive(self) -> bool:
         return self.process.is_alive()
 
-    def send_batch(self, message: object) -> None:
-        """Send on the batch pipe (blocks while the pipe is full: call it from a thread for big batches)."""
-        self._batch_conn.send(message)
+    def send(self, message: object) -> None:
+        """Enqueue a message for the batch pipe (`RunBatch`, `Cancel`); returns at once, order is kept."""
+        self._outbox.send(message)
 
     def send_control(self, message: object) -> None:
         """Send a small control query (answered by the worker's control thread, even mid-batch)."""
-        self._ctrl_conn.send(message)
+        with self._ctrl_lock:
+            self._ctrl_conn.send(message)
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -84,9 +90,12 @@ class WorkerProcess:
                 conn.close()
 
     def shutdown(self, join_s: float = 10.0) -> None:
-        """Ask the worker to exit, then escalate: SIGTERM after `join_s`, SIGKILL 3 s later (blocking)."""
-        with contextlib.suppress(OSError, ValueError):
-            self._batch_conn.send(Shutdown())
+        """Ask the worker to exit, then escalate: SIGTERM after `join_s`, SIGKILL 3 s later (blocking).
+
+        `Shutdown` goes through the outbox behind anything still queued, so it never cuts a frame in half.
+        """
+        self._outbox.send(Shutdown())
+        self._outbox.close(timeout_s=join_s)
         self.process.join(join_s)
         if self.process.is_alive():
             logger.warning("worker %d did not exit; terminating", self.number)

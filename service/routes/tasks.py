@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from models.methods import method_names
-from service.deps import ApiKeyDep, MetricsDep, SupervisorDep
+from service.deps import ApiKeyDep, MetricsDep, OffloadDep, SchedulerDep
 from service.errors import ValidationFailedError
-from service.parsing import build_config, parse_min_budget, read_task_input, require_text
+from service.images import decode_for_model
+from service.parsing import build_config, parse_min_budget, read_task_input, require_texts
 from service.protocol import (
     AnswerJsonRequest,
     AnswerResponse,
@@ -21,11 +21,12 @@ from service.protocol import (
 )
 from service.render import render_overlay
 from service.serving import (
+    Answered,
     ClientGoneError,
     Completed,
     degradation_out,
-    image_bytes_of,
-    run_task,
+    run_request,
+    start_request,
     timing_ms,
     visual_tokens,
 )
@@ -62,6 +63,12 @@ def _request_body(json_model: type[Any], text_field: str) -> dict[str, Any]:
             },
         },
     }
+    if text_field == "phrase":
+        form_schema["properties"]["phrase"] = {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Referring expression(s); repeat the field for several phrases of the same image",
+        }
     return {
         "requestBody": {
             "required": True,
@@ -95,8 +102,20 @@ def _wants_kept_tokens(include: str | None) -> bool:
     return "kept_tokens" in parts
 
 
+def _boxes_out(answer: Answered) -> list[dict[str, Any]]:
+    return [
+        {
+            "label": box.label,
+            "xyxy": [round(value, 3) for value in box.xyxy],
+            "xyxy_norm": [round(value, 6) for value in box.xyxy_norm],
+        }
+        for box in answer.outcome.result.boxes
+    ]
+
+
 def _common_fields(completed: Completed, request: Request, model: str, kept: bool) -> dict[str, Any]:
-    result = completed.outcome.result
+    answer = completed.first
+    result = answer.outcome.result
     fields: dict[str, Any] = {
         "request_id": request.state.request_id,
         "model": model,
@@ -104,7 +123,8 @@ def _common_fields(completed: Completed, request: Request, model: str, kept: boo
         "model_input_size": list(result.model_input_size),
         "visual_tokens": visual_tokens(completed),
         "timing_ms": timing_ms(completed),
-        "batch_size": completed.outcome.batch_size,
+        "batch_size": answer.outcome.batch_size,
+        "cache": result.cache,
         "raw_output": result.raw_output,
         "degradation": degradation_out(completed),
     }
@@ -120,40 +140,43 @@ def _common_fields(completed: Completed, request: Request, model: str, kept: boo
 
 async def _read_and_run(
     request: Request,
-    supervisor: SupervisorDep,
+    scheduler: SchedulerDep,
     metrics: MetricsDep,
+    offload: OffloadDep,
     *,
     field: str,
     kind: str,
-):
+    list_field: str | None = None,
+) -> tuple[tuple[str, ...], Completed]:
     """Shared by /ground and /answer: admission check, input parsing and validation, then the queued run.
 
-    Returns (the validated text, the completed task); raises `ClientGoneError` when the client left.
+    Returns (the validated texts, the completed task); raises `ClientGoneError` when the client left.
     """
-    settings = supervisor.settings
-    supervisor.check_accepting()
-    fields = await read_task_input(request, field, settings.max_body_bytes)
-    text = require_text(fields.text, field, settings.max_phrase_chars)
+    settings = scheduler.settings
+    scheduler.check_accepting()
+    fields = await read_task_input(request, field, settings, offload, list_field=list_field)
+    texts = require_texts(fields.texts, field, settings.max_phrase_chars, settings.max_phrases)
     config = build_config(fields.budget, fields.method, settings)
     min_budget = parse_min_budget(fields.min_budget)
-    data = await image_bytes_of(fields.image_bytes, fields.image_ref, settings)
-    completed = await run_task(
+    started = await start_request(
         request,
-        supervisor,
-        metrics,
+        scheduler,
+        offload,
         kind=kind,
-        image_data=data,
-        text=text,
+        texts=texts,
+        text_field=field,
+        upload=fields.image_bytes,
+        image_ref=fields.image_ref,
         config=config,
         max_new_tokens=settings.max_new_tokens,
         min_budget=min_budget,
     )
-    return text, completed
+    return texts, await run_request(request, scheduler, metrics, started)
 
 
 @router.post(
     "/ground",
-    summary="Locate a phrase in an image",
+    summary="Locate one or several phrases in an image",
     response_model=GroundResponse,
     responses={
         **ERROR_RESPONSES,
@@ -163,40 +186,64 @@ async def _read_and_run(
 )
 async def ground(
     request: Request,
-    supervisor: SupervisorDep,
+    scheduler: SchedulerDep,
     metrics: MetricsDep,
+    offload: OffloadDep,
     render: str | None = None,
     include: str | None = None,
 ) -> Response:
-    """Boxes in original image pixels, best first, with visual-token and per-stage timing metrics."""
+    """Boxes in original image pixels, best first, per phrase, with visual-token and per-stage timing metrics."""
     want_png = _wants_png(request, render)
     want_kept = _wants_kept_tokens(include)
     try:
-        phrase, completed = await _read_and_run(request, supervisor, metrics, field="phrase", kind="ground")
+        phrases, completed = await _read_and_run(
+            request, scheduler, metrics, offload, field="phrase", kind="ground", list_field="phrases"
+        )
     except ClientGoneError:
         return Response(status_code=499)
-    result = completed.outcome.result
-    boxes = [
-        {"label": box.label, "xyxy": list(box.xyxy), "xyxy_norm": list(box.xyxy_norm)} for box in result.boxes
-    ]
+    result = completed.first.outcome.result
     if want_png:
-        png = await asyncio.to_thread(
-            render_overlay,
-            completed.image,
-            [(box.label, box.xyxy) for box in result.boxes],
-            result.frame,
-            result.report.grid,
-            result.report.kept_stage1,
-            result.report.kept,
-        )
-        return Response(content=png, media_type="image/png", headers={"X-Boxes": str(len(boxes))})
+        max_side = scheduler.settings.render_max_side
+        png = await offload.in_pool(_overlay, completed, max_side)
+        return Response(content=png, media_type="image/png", headers={"X-Boxes": str(len(result.boxes))})
+    results = [
+        {
+            "phrase": phrase,
+            "boxes": _boxes_out(answer),
+            "raw_output": answer.outcome.result.raw_output,
+            "visual_tokens": visual_tokens(completed, answer),
+            "cache": answer.outcome.result.cache,
+        }
+        for phrase, answer in zip(phrases, completed.answers, strict=True)
+    ]
     body = {
-        **_common_fields(completed, request, supervisor.model_name or "", want_kept),
-        "phrase": phrase,
-        "boxes": boxes,
+        **_common_fields(completed, request, scheduler.supervisor.model_name or "", want_kept),
+        "phrase": phrases[0],
+        "boxes": results[0]["boxes"],
+        "results": results,
     }
     return JSONResponse(
         GroundResponse.model_validate(body).model_dump(exclude_none=False, exclude=_excluded(want_kept))
+    )
+
+
+def _overlay(completed: Completed, max_side: int) -> bytes:
+    """The ?render=png picture: the input (scaled to at most `max_side`) with kept tokens and boxes."""
+    result = completed.first.outcome.result
+    width, height = result.image_size
+    scale = min(1.0, max_side / max(width, height))
+    target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = decode_for_model(completed.image_data, target)
+    if image.size != target:
+        image = image.resize(target)
+    return render_overlay(
+        image,
+        [(box.label, box.xyxy) for box in result.boxes],
+        result.frame,
+        result.report.grid,
+        result.report.kept_stage1,
+        result.report.kept,
+        scale=scale,
     )
 
 
@@ -209,21 +256,22 @@ async def ground(
 )
 async def answer(
     request: Request,
-    supervisor: SupervisorDep,
+    scheduler: SchedulerDep,
     metrics: MetricsDep,
+    offload: OffloadDep,
     include: str | None = None,
 ) -> Response:
     """A short text answer with the same visual-token and timing metrics as /ground."""
     want_kept = _wants_kept_tokens(include)
     try:
-        question, completed = await _read_and_run(
-            request, supervisor, metrics, field="question", kind="answer"
+        (question,), completed = await _read_and_run(
+            request, scheduler, metrics, offload, field="question", kind="answer"
         )
     except ClientGoneError:
         return Response(status_code=499)
-    result = completed.outcome.result
+    result = completed.first.outcome.result
     body = {
-        **_common_fields(completed, request, supervisor.model_name or "", want_kept),
+        **_common_fields(completed, request, scheduler.supervisor.model_name or "", want_kept),
         "question": question,
         "answer": result.text.strip(),
     }

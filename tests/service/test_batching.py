@@ -1,4 +1,5 @@
-"""Dynamic batching rules: full batch or oldest item's wait, removal, expiry, split-on-failure."""
+"""Dynamic batching rules: no wait when idle; while busy, full batch / oldest item's wait / batch end; token
+bound, removal, expiry, split-on-failure."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from service.batching import PendingItem, PendingQueue, collect_batch, run_splitting, split_expired
+from service.batching import Notifier, PendingItem, PendingQueue, collect_batch, run_splitting, split_expired
 
 
 def _item(value: int, enqueued_at: float | None = None, deadline: float = float("inf")) -> PendingItem[int]:
@@ -16,13 +17,67 @@ def _item(value: int, enqueued_at: float | None = None, deadline: float = float(
     )
 
 
-def test_full_batch_leaves_without_waiting() -> None:
+class _Worker:
+    """Stands in for the scheduler's view of the worker: busy or idle, and the notifier for changes."""
+
+    def __init__(self, busy: bool) -> None:
+        self.busy = busy
+        self.changed = Notifier()
+
+    def set_busy(self, busy: bool) -> None:
+        self.busy = busy
+        self.changed.notify()
+
+
+async def _collect(queue: PendingQueue[int], worker: _Worker, **kwargs: object) -> list[PendingItem[int]]:
+    options = {"max_batch_size": 8, "max_wait_s": 5.0, **kwargs}
+    return await collect_batch(
+        queue,
+        busy=lambda: worker.busy,
+        busy_changed=worker.changed,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def test_an_idle_worker_gets_a_lone_request_at_once() -> None:
+    async def scenario() -> tuple[list[int], float]:
+        queue: PendingQueue[int] = PendingQueue()
+        queue.put(_item(1))
+        start = time.monotonic()
+        batch = await _collect(queue, _Worker(busy=False), max_wait_s=5.0)
+        return [item.payload for item in batch], time.monotonic() - start
+
+    payloads, waited = asyncio.run(scenario())
+    assert payloads == [1]
+    assert waited < 0.05  # no batching window while idle
+
+
+def test_an_idle_worker_waits_for_the_first_request_only() -> None:
+    async def scenario() -> tuple[list[int], float]:
+        queue: PendingQueue[int] = PendingQueue()
+        start = time.monotonic()
+
+        async def arrival() -> None:
+            await asyncio.sleep(0.05)
+            queue.put(_item(7))
+
+        task = asyncio.create_task(arrival())
+        batch = await _collect(queue, _Worker(busy=False))
+        await task
+        return [item.payload for item in batch], time.monotonic() - start
+
+    payloads, waited = asyncio.run(scenario())
+    assert payloads == [7]
+    assert 0.04 <= waited < 0.5
+
+
+def test_a_full_batch_leaves_without_waiting_while_busy() -> None:
     async def scenario() -> tuple[list[int], float]:
         queue: PendingQueue[int] = PendingQueue()
         for value in range(5):
             queue.put(_item(value))
         start = time.monotonic()
-        batch = await collect_batch(queue, max_batch_size=4, max_wait_s=5.0)
+        batch = await _collect(queue, _Worker(busy=True), max_batch_size=4, max_wait_s=5.0)
         return [item.payload for item in batch], time.monotonic() - start
 
     payloads, waited = asyncio.run(scenario())
@@ -30,7 +85,7 @@ def test_full_batch_leaves_without_waiting() -> None:
     assert waited < 0.5
 
 
-def test_partial_batch_waits_for_the_oldest_items_window() -> None:
+def test_while_busy_requests_gather_until_the_oldest_waited_max_wait() -> None:
     async def scenario() -> tuple[list[int], float]:
         queue: PendingQueue[int] = PendingQueue()
         start = time.monotonic()
@@ -41,7 +96,7 @@ def test_partial_batch_waits_for_the_oldest_items_window() -> None:
             queue.put(_item(2))
 
         task = asyncio.create_task(late_arrival())
-        batch = await collect_batch(queue, max_batch_size=8, max_wait_s=0.2)
+        batch = await _collect(queue, _Worker(busy=True), max_wait_s=0.2)
         await task
         return [item.payload for item in batch], time.monotonic() - start
 
@@ -50,17 +105,55 @@ def test_partial_batch_waits_for_the_oldest_items_window() -> None:
     assert 0.15 <= waited < 1.0
 
 
+def test_requests_queued_during_a_batch_leave_together_when_it_ends() -> None:
+    async def scenario() -> tuple[list[int], float]:
+        queue: PendingQueue[int] = PendingQueue()
+        worker = _Worker(busy=True)
+        for value in (1, 2, 3):
+            queue.put(_item(value))
+        start = time.monotonic()
+
+        async def batch_ends() -> None:
+            await asyncio.sleep(0.05)
+            worker.set_busy(False)
+
+        task = asyncio.create_task(batch_ends())
+        batch = await _collect(queue, worker, max_wait_s=5.0)
+        await task
+        return [item.payload for item in batch], time.monotonic() - start
+
+    payloads, waited = asyncio.run(scenario())
+    assert payloads == [1, 2, 3]
+    assert 0.04 <= waited < 0.5  # at the end of the running batch, long before max_wait
+
+
 def test_items_that_already_waited_leave_at_once() -> None:
     async def scenario() -> tuple[int, float]:
         queue: PendingQueue[int] = PendingQueue()
         queue.put(_item(1, enqueued_at=time.monotonic() - 10.0))
         start = time.monotonic()
-        batch = await collect_batch(queue, max_batch_size=8, max_wait_s=1.0)
+        batch = await _collect(queue, _Worker(busy=True), max_wait_s=1.0)
         return len(batch), time.monotonic() - start
 
     size, waited = asyncio.run(scenario())
     assert size == 1
     assert waited < 0.2
+
+
+def test_the_batch_token_bound_splits_batches_but_a_big_request_goes_alone() -> None:
+    async def scenario() -> list[list[int]]:
+        queue: PendingQueue[int] = PendingQueue()
+        for value, cost in ((1, 600), (2, 600), (3, 600), (4, 5000), (5, 10)):
+            queue.put(
+                PendingItem(payload=value, enqueued_at=time.monotonic(), deadline=float("inf"), cost=cost)
+            )
+        worker = _Worker(busy=False)
+        batches = []
+        for _ in range(3):
+            batches.append([item.payload for item in await _collect(queue, worker, max_cost=1500)])
+        return batches
+
+    assert asyncio.run(scenario()) == [[1, 2], [3], [4]]
 
 
 def test_removed_item_never_reaches_a_batch() -> None:
@@ -71,7 +164,7 @@ def test_removed_item_never_reaches_a_batch() -> None:
         queue.put(_item(2))
         assert queue.remove(gone) is True
         assert queue.remove(gone) is False
-        return [item.payload for item in await collect_batch(queue, max_batch_size=8, max_wait_s=0.0)]
+        return [item.payload for item in await _collect(queue, _Worker(busy=False))]
 
     assert asyncio.run(scenario()) == [2]
 
@@ -85,7 +178,7 @@ def test_split_expired() -> None:
 
 def test_collect_batch_rejects_zero_batch_size() -> None:
     with pytest.raises(ValueError, match="max_batch_size"):
-        asyncio.run(collect_batch(PendingQueue(), max_batch_size=0, max_wait_s=0.1))
+        asyncio.run(_collect(PendingQueue(), _Worker(busy=False), max_batch_size=0, max_wait_s=0.1))
 
 
 class _MemoryLimitedEngine:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.inputs import decode_image
+from service.images import decode_for_model as decode_image
 from tests.service.helpers import assert_error, ground, red_circle_png
 from tests.service.images import encode, exif_rotated_jpeg, png_header_only
 
@@ -94,7 +94,7 @@ def test_bad_images_get_their_documented_4xx(
 
 def test_truncated_files_keep_a_readable_header() -> None:
     """The truncated cases above really are 'header fine, data cut' (else they would test the 415 of junk)."""
-    from service.inputs import probe_image
+    from service.images import probe_image
 
     assert probe_image(encode(_noise())[:400], 10**6).size == (96, 64)
     assert probe_image(encode(_noise((128, 128)), "JPEG", quality=95)[:1500], 10**6).size == (128, 128)

@@ -13,13 +13,9 @@ import pytest
 from PIL import Image
 
 from service.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaError
-from service.inputs import (
-    decode_base64_image,
-    decode_image,
-    fetch_image_url,
-    host_allowed,
-    probe_image,
-)
+from service.images import decode_for_model as decode_image
+from service.images import probe_image
+from service.inputs import decode_base64_image, fetch_image_url, host_allowed
 from tests.service.images import encode, exif_rotated_jpeg, png_header_only
 
 

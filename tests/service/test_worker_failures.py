@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from models.tasks import TaskRequest
-from service.messages import WorkItem
-from service.worker import _failure_of, is_out_of_memory
+from models.budget import PruningConfig
+from service.messages import ImageBlob, WorkItem
+from service.worker_pipeline import _failure_of, is_out_of_memory
 
 
 def _item() -> WorkItem:
-    return WorkItem(request_id="r1", task=TaskRequest(image=None, kind="ground", text="x"), deadline=0.0)
+    return WorkItem(
+        request_id="r1",
+        kind="ground",
+        text="x",
+        config=PruningConfig(),
+        max_new_tokens=4,
+        image=ImageBlob(b"", "PNG", (1, 1)),
+        deadline=0.0,
+    )
 
 
 def test_out_of_memory_is_recognised_by_type_and_by_message() -> None:
