@@ -13,11 +13,11 @@ count, bf16 GEMM on CUDA). The floor is the prefill time a perfect kernel would 
 far from compute-bound a configuration is.
 
 Models: on CPU the built-in model (committed checkpoint or a random-weight one of the same shapes); on CUDA
-additionally random-weight Qwen2.5-VL-7B and LLaVA-1.5-7B shapes (`bench/shapes.py`).
+additionally random-weight Qwen2.5-VL-7B, LLaVA-1.5-7B and Qwen3-VL-8B shapes (`bench/shapes.py`).
 
 Usage:
     python -m bench.model_speed --out bench/results/model_speed_cpu.json            # CPU, built-in model
-    python -m bench.model_speed --device cuda --models builtin llava_1_5_7b qwen2_5_vl_7b \\
+    python -m bench.model_speed --device cuda --models builtin llava_1_5_7b qwen2_5_vl_7b qwen3_vl_8b \\
         --out bench/results/model_speed_cuda.json                                    # GPU machine
 """
 
@@ -159,7 +159,7 @@ def _images(runner: ModelRunner, batch_size: int) -> list[Image.Image]:
 
     from models.builtin.scenes import make_grounding_item, render
 
-    side = 336 if runner.adapter.family != "qwen2_5_vl" else 672
+    side = {"qwen2_5_vl": 672, "qwen3_vl": 768}.get(runner.adapter.family, 336)  # 576 tokens each
     return [render(make_grounding_item(random.Random(i), side).scene) for i in range(batch_size)]
 
 
@@ -262,7 +262,9 @@ def grid(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Time vision / prune / prefill / decode per pruning config.")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--models", nargs="+", default=None, help="builtin, llava_1_5_7b, qwen2_5_vl_7b")
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="builtin, llava_1_5_7b, qwen2_5_vl_7b, qwen3_vl_8b"
+    )
     parser.add_argument("--methods", nargs="+", default=list(method_names()))
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     models = args.models or (
-        ["builtin", "llava_1_5_7b", "qwen2_5_vl_7b"] if device.type == "cuda" else ["builtin"]
+        ["builtin", "llava_1_5_7b", "qwen2_5_vl_7b", "qwen3_vl_8b"] if device.type == "cuda" else ["builtin"]
     )
     peak = peak_matmul_flops(device)
     logger.info("peak %s GEMM: %.1f GFLOP/s", peak["dtype"], peak["flops_per_s"] / 1e9)

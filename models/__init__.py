@@ -7,7 +7,7 @@ Layout (one job per module; details in README.md's layout table and docs/PRUNING
 * the engine: `attention` (SDPA plus one attention row for probed modules), `stage2` (the LLM-side drop),
   `engine` (stage 1, sequence rebuild with original positions, the LLM run), `decoding` (greedy loop, KV cache),
   `reports` (what was kept, FLOPs), `clocks` (stage timings);
-* per family: `llava`, `qwen2_5_vl` (one adapter each, reading top to bottom);
+* per family: `llava`, `qwen2_5_vl`, `qwen3_vl` (one adapter each, reading top to bottom);
 * the serving contract: `tasks` (torch-free request/result records), `boxes` (box formats and the `Frame` that
   maps them to original pixels), `runner` (tasks in, answers out), `loading` (a local directory -> a runner);
 * around the engine, never imported by it: `builtin/` (the built-in model and how it is made) and `eval/` (the

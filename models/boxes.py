@@ -3,7 +3,7 @@
 Every family writes boxes differently, so the service asks each one in its own words (`grounding_prompt`)
 and reads the answer with the matching parser (`parse_boxes`). Parsers return boxes normalised to the
 *model input frame* (0..1 of the image the model actually saw: the padded square for LLaVA-style models,
-the smart-resized image for Qwen2.5-VL); the adapter, which knows how it prepared the image, describes that with
+the smart-resized image for Qwen2.5-VL and Qwen3-VL); the adapter, which knows how it prepared the image, describes that with
 a `Frame`, and `Frame.to_original` maps the boxes to original pixels.
 
 Formats:
@@ -16,6 +16,11 @@ Formats:
       decoding on a CPU.
     * ``qwen2_5_vl_json``: ``[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}]`` in absolute pixels of the
       resized model input, often wrapped in a fenced json block and followed by prose.
+    * ``qwen3_vl_json``: the same JSON, ``[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}, ...]``, but in RELATIVE
+      coordinates 0..1000 of the model input (Qwen3-VL cookbook: every image is described as if it were 1000 x
+      1000), so no input size is needed; values above 1000 (which the model does emit near the right and bottom
+      edges) are clamped to the edge. Several boxes per answer, a fenced json block and prose around it are read
+      the same way as for Qwen2.5-VL.
     * ``llava_norm``: ``[0.12, 0.30, 0.55, 0.80]``, floats in 0..1 of the padded square (LLaVA-1.5 RefCOCO).
 
 Pure Python on purpose: the API process may import it to render answers without pulling in torch.
@@ -29,11 +34,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-BoxFormat = Literal["loc_tokens", "qwen2_5_vl_json", "llava_norm"]
-BOX_FORMATS: tuple[BoxFormat, ...] = ("loc_tokens", "qwen2_5_vl_json", "llava_norm")
+BoxFormat = Literal["loc_tokens", "qwen2_5_vl_json", "qwen3_vl_json", "llava_norm"]
+BOX_FORMATS: tuple[BoxFormat, ...] = ("loc_tokens", "qwen2_5_vl_json", "qwen3_vl_json", "llava_norm")
 
 LOC_BINS = 1000
 """Number of location tokens `<loc_0>` .. `<loc_999>` (Florence-2 quantisation)."""
+
+QWEN3_RELATIVE_SCALE = 1000.0
+"""Qwen3-VL writes box coordinates in 0..1000 of the image it saw, whatever its size."""
 
 # Smallest accepted side of a normalised box; anything thinner is a degenerate answer, not a box.
 _MIN_SIDE = 1e-6
@@ -77,6 +85,8 @@ def grounding_prompt(phrase: str, fmt: BoxFormat) -> str:
         return f"Locate {phrase}."
     if fmt == "qwen2_5_vl_json":
         return f"Locate {phrase} in the image, output its bbox coordinates using JSON format."
+    if fmt == "qwen3_vl_json":
+        return f"Locate {phrase} in the image. Report bbox coordinates in JSON format."
     if fmt == "llava_norm":
         return f"Please provide the bounding box coordinate of the region this sentence describes: {phrase}"
     raise ValueError(f"unknown box format {fmt!r}; expected one of {BOX_FORMATS}")
@@ -92,7 +102,7 @@ def parse_boxes(text: str, fmt: BoxFormat, input_size: tuple[int, int], label: s
         text: The decoded answer.
         fmt: The family's box format.
         input_size: (width, height) in pixels of the image the model saw; only `qwen2_5_vl_json` needs it,
-            because Qwen writes absolute pixels of its resized input.
+            because Qwen2.5-VL writes absolute pixels of its resized input (Qwen3-VL writes 0..1000).
         label: Label given to boxes whose format carries none (the phrase asked for, typically).
 
     Returns:
@@ -102,6 +112,9 @@ def parse_boxes(text: str, fmt: BoxFormat, input_size: tuple[int, int], label: s
         raw = _parse_loc_tokens(text, label)
     elif fmt == "qwen2_5_vl_json":
         raw = _parse_qwen_json(text, input_size, label)
+    elif fmt == "qwen3_vl_json":
+        scale = QWEN3_RELATIVE_SCALE
+        raw = _parse_qwen_json(text, (scale, scale), label)
     elif fmt == "llava_norm":
         raw = [(label, nums) for nums in _four_number_lists(text)]
     else:
@@ -248,8 +261,9 @@ def _parse_loc_tokens(text: str, label: str) -> list[tuple[str, tuple[float, ...
 
 
 def _parse_qwen_json(
-    text: str, input_size: tuple[int, int], label: str
+    text: str, input_size: tuple[float, float], label: str
 ) -> list[tuple[str, tuple[float, ...]]]:
+    """Qwen's JSON boxes divided by `input_size` (its resized input in pixels, or 1000 x 1000 for Qwen3-VL)."""
     width, height = input_size
     if width <= 0 or height <= 0:
         raise ValueError(f"input_size must be positive (width, height), got {input_size}")
@@ -320,6 +334,7 @@ def _clean_box(coords: tuple[float, ...]) -> tuple[float, float, float, float] |
 __all__ = [
     "BOX_FORMATS",
     "LOC_BINS",
+    "QWEN3_RELATIVE_SCALE",
     "BoxFormat",
     "Frame",
     "ParsedBox",

@@ -25,11 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["llava", "qwen2_5_vl", "generic"]
+Family = Literal["llava", "qwen2_5_vl", "qwen3_vl", "generic"]
 FAMILIES: tuple[str, ...] = get_args(Family)
 
-# Fewest stage-1 candidates per 2x2 region, per family (Qwen2.5-VL's released code never offers fewer than 3).
-FAMILY_MIN_TOP_N: dict[str, int] = {"llava": 1, "qwen2_5_vl": 3, "generic": 1}
+# Fewest stage-1 candidates per 2x2 region, per family (Qwen2.5-VL's released code never offers fewer than 3;
+# Qwen3-VL, which has no published setting, takes Qwen2.5-VL's: the same 2x2-merged dynamic-resolution grid).
+FAMILY_MIN_TOP_N: dict[str, int] = {"llava": 1, "qwen2_5_vl": 3, "qwen3_vl": 3, "generic": 1}
 
 
 class PruningConfig(BaseModel):
@@ -190,7 +191,7 @@ def plan_tokens(
     * K (the layer of an LLM-side drop) is clamped to 1..L-1, so even 2-layer models get a split. With L == 1 no
       LLM-side drop is possible.
     * top-n (stage-1 methods only, else 0): `top_n` override, a published value, or ceil(K1 / num_regions)
-      raised to the family minimum (llava 1, qwen2_5_vl 3, generic 1) and capped at region_size ** 2.
+      raised to the family minimum (llava 1, qwen2_5_vl 3, qwen3_vl 3, generic 1) and capped at region_size ** 2.
     * Budgets that cannot be met (stage-2-only at 25% would need a negative K2) are clamped; `per_layer` always
       reports the real counts. `stage2_layer` is None whenever no LLM-side drop happens (K2 == K1).
 

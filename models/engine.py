@@ -178,6 +178,13 @@ class VisionLanguageAdapter(ABC):
         """Extra forward kwargs for the LLM call (none by default)."""
         return {}
 
+    def image_encoder_outputs(self, features: tuple[torch.Tensor, ...]) -> BaseModelOutputWithPooling:
+        """`mm_encoder_outputs["image"]` of the LLM call: the kept, projected features, one tensor per sample.
+
+        A family whose model reads more than `pooler_output` from it (Qwen3-VL: `deepstack_features`) says so here.
+        """
+        return BaseModelOutputWithPooling(pooler_output=features)
+
     # ---- shared properties -----------------------------------------------------------------------------------
     def estimate_visual_tokens(self, image_size: tuple[int, int]) -> int:
         """Unpruned visual tokens for an original image of (w, h), without decoding any pixels."""
@@ -391,7 +398,7 @@ class VisionLanguageAdapter(ABC):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=llm.features)},
+            mm_encoder_outputs={"image": self.image_encoder_outputs(llm.features)},
             past_key_values=cache,
             use_cache=cache is not None,
             logits_to_keep=logits_to_keep,

@@ -1,4 +1,4 @@
-"""Load a model directory (the built-in model, or a local Qwen2.5-VL / LLaVA-1.5 checkpoint) into a `ModelRunner`.
+"""Load a model directory (the built-in model, or a local Qwen3-VL / Qwen2.5-VL / LLaVA-1.5 checkpoint) into a runner.
 
 This is the only entry point the serving worker uses. Nothing is downloaded: every path is a local directory, and
 `HF_HUB_OFFLINE=1` is set before transformers looks at it. The family is read from the directory's `config.json`
@@ -18,6 +18,10 @@ from models.engine import VisionLanguageAdapter
 from models.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
+
+
+MODEL_TYPES = ("llava", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+"""Every `config.json` `model_type` that `load_runner` serves (the built-in model is a `llava`)."""
 
 
 def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
@@ -42,7 +46,7 @@ def load_runner(model_dir: str | os.PathLike[str] = "builtin", device: str = "au
     """Load the model + processor from a local directory and wrap them for serving.
 
     Args:
-        model_dir: `builtin` or a local checkpoint directory (Qwen2.5-VL or LLaVA-1.5 layout).
+        model_dir: `builtin` or a local checkpoint directory (Qwen3-VL dense or MoE, Qwen2.5-VL or LLaVA-1.5).
         device: `auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ...
 
     Returns:
@@ -72,10 +76,22 @@ def load_runner(model_dir: str | os.PathLike[str] = "builtin", device: str = "au
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
         processor = Qwen2_5_VLImageOnlyProcessor.from_pretrained(path)
         adapter = Qwen2_5_VLAdapter(model.to(target).eval(), processor)
+    elif model_type in ("qwen3_vl", "qwen3_vl_moe"):  # dense and MoE: one adapter
+        from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+
+        from models.qwen3_vl import Qwen3VLAdapter, Qwen3VLImageOnlyProcessor
+
+        moe = model_type == "qwen3_vl_moe"
+        model_class = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
+        model = model_class.from_pretrained(path, dtype=dtype)
+        processor = Qwen3VLImageOnlyProcessor.from_pretrained(path)
+        adapter = Qwen3VLAdapter(model.to(target).eval(), processor)
     else:
-        raise ValueError(f"unsupported model_type {model_type!r} in {path}; supported: llava, qwen2_5_vl")
+        raise ValueError(
+            f"unsupported model_type {model_type!r} in {path}; supported: {', '.join(MODEL_TYPES)}"
+        )
     logger.info("loaded %s (%s) on %s", path.name, model_type, target)
     return ModelRunner(adapter, name=path.name)
 
 
-__all__ = ["load_runner", "resolve_device", "resolve_model_dir"]
+__all__ = ["MODEL_TYPES", "load_runner", "resolve_device", "resolve_model_dir"]

@@ -41,8 +41,12 @@ class PreparedTasks:
 VQA_SUFFIX = {
     "loc_tokens": "",
     "qwen2_5_vl_json": "",
+    "qwen3_vl_json": "",  # the instruct checkpoints answer briefly as asked; no benchmark-style suffix
     "llava_norm": "\nAnswer the question using a single word or phrase.",
 }
+
+FAMILY_BOX_FORMAT: dict[str, BoxFormat] = {"qwen2_5_vl": "qwen2_5_vl_json", "qwen3_vl": "qwen3_vl_json"}
+"""Each family's native box format (LLaVA-1.5 and anything else: `llava_norm`)."""
 
 
 def detect_box_format(adapter: VisionLanguageAdapter) -> BoxFormat:
@@ -50,7 +54,7 @@ def detect_box_format(adapter: VisionLanguageAdapter) -> BoxFormat:
     tokenizer = getattr(adapter.processor, "tokenizer", adapter.processor)
     if "<loc_0>" in tokenizer.get_vocab():
         return "loc_tokens"
-    return "qwen2_5_vl_json" if adapter.family == "qwen2_5_vl" else "llava_norm"
+    return FAMILY_BOX_FORMAT.get(adapter.family, "llava_norm")
 
 
 class ModelRunner:
@@ -256,4 +260,4 @@ def _strip_end_tokens(text: str, tokenizer: Any) -> str:
     return text.strip()
 
 
-__all__ = ["ModelRunner", "detect_box_format"]
+__all__ = ["FAMILY_BOX_FORMAT", "ModelRunner", "detect_box_format"]

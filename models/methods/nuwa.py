@@ -10,13 +10,19 @@ Stage 1 (`select`), per image:
 The plan (`plan`): layers < K see K1, layers >= K see K2 (K = `stage2_layer` or L // 2). With stage-2 ratio
 rho = K2 / K1, the average equation A = (K * K1 + (L - K) * K2) / L gives K1 = round(A * L / (K + (L - K) * rho)),
 clamped to 1..N, and K2 = round(rho * K1), clamped to 1..K1. rho is 1/7 for `llava`/`generic` (Nüwa's LLaVA code:
-112 -> 16, 224 -> 32, 336 -> 48). For `qwen2_5_vl` a budget of exactly 25/50/75% (float, or the int
-round(r * N)) uses the published table (K1 = round(f1 * N), K2 = round(rho * K1), top-n 3/3/4); other budgets
-interpolate rho linearly in the keep ratio between table points (clamped outside) and solve K1 from the average
-equation. If that K1 exceeds N (large budgets: rho = 1/7 caps the average at about 57% of N), K1 = N and K2 solves
-the average equation instead, so e.g. 75% is still met. Overrides win: `stage1_fraction` fixes K1 = round(f * N)
-(then K2 = round(rho * K1) when rho is given or tabulated, else K2 solves the average equation); `stage2_ratio`
-fixes rho; `stage2_layer` fixes K. With one LLM layer, Nüwa degrades to stage 1 with K1 = A.
+112 -> 16, 224 -> 32, 336 -> 48). For `qwen2_5_vl` (and `qwen3_vl`, see below) a budget of exactly
+25/50/75% (float, or the int round(r * N)) uses the published table (K1 = round(f1 * N), K2 = round(rho * K1),
+top-n 3/3/4); other budgets interpolate rho linearly in the keep ratio between table points (clamped outside)
+and solve K1 from the average equation. If that K1 exceeds N (large budgets: rho = 1/7 caps the average at
+about 57% of N), K1 = N and K2 solves the average equation instead, so e.g. 75% is still met. Overrides win:
+`stage1_fraction` fixes K1 = round(f * N) (then K2 = round(rho * K1) when rho is given or tabulated, else K2
+solves the average equation); `stage2_ratio` fixes rho; `stage2_layer` fixes K. With one LLM layer, Nüwa
+degrades to stage 1 with K1 = A.
+
+Qwen3-VL has no published setting; it takes the Qwen2.5-VL rules (table, interpolation, top-n >= 3, K = L // 2)
+rather than LLaVA's 1/7: it is the same lineage with the same 2x2-merged dynamic-resolution grid, so its images
+carry hundreds to thousands of tokens as Qwen2.5-VL's do, not LLaVA's fixed 576. No rule of its own is needed
+for DeepStack: the adapter injects the DeepStack levels in whatever layout the drop leaves (`models/qwen3_vl.py`).
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ QWEN_TABLE: tuple[tuple[float, float, float, int], ...] = (
 )
 """Qwen2.5-VL published settings: keep ratio -> (stage-1 fraction of N, stage-2 fraction of K1, top-n)."""
 
+QWEN_TABLE_FAMILIES = frozenset({"qwen2_5_vl", "qwen3_vl"})
+"""Families planned with `QWEN_TABLE` (Qwen3-VL by choice, see the module docstring)."""
+
 
 class Nuwa(PruningMethod):
     """Both stages (see the module docstring)."""
@@ -63,7 +72,8 @@ class Nuwa(PruningMethod):
         split = clamp_split(
             config.stage2_layer if config.stage2_layer is not None else num_layers // 2, num_layers
         )
-        table_row = _qwen_table_row(config, num_tokens, target) if family == "qwen2_5_vl" else None
+        qwen_rules = family in QWEN_TABLE_FAMILIES
+        table_row = _qwen_table_row(config, num_tokens, target) if qwen_rules else None
         stage1_fraction = config.stage1_fraction
         stage2_ratio = config.stage2_ratio
         if table_row is not None:
@@ -80,9 +90,7 @@ class Nuwa(PruningMethod):
         else:
             if stage2_ratio is None:
                 stage2_ratio = (
-                    _qwen_interpolated_ratio(target / num_tokens)
-                    if family == "qwen2_5_vl"
-                    else LLAVA_STAGE2_RATIO
+                    _qwen_interpolated_ratio(target / num_tokens) if qwen_rules else LLAVA_STAGE2_RATIO
                 )
             stage1 = round(target * num_layers / (split + (num_layers - split) * stage2_ratio))
             if stage1 > num_tokens:  # the ratio cannot reach the budget: keep all N, K2 solves the average
@@ -156,4 +164,4 @@ def _qwen_interpolated_ratio(keep_ratio: float) -> float:
 METHOD = Nuwa()
 """The method this module adds (`models/methods/__init__.py` registers it)."""
 
-__all__ = ["METHOD", "LLAVA_STAGE2_RATIO", "QWEN_TABLE", "Nuwa"]
+__all__ = ["METHOD", "LLAVA_STAGE2_RATIO", "QWEN_TABLE", "QWEN_TABLE_FAMILIES", "Nuwa"]
