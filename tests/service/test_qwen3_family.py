@@ -91,7 +91,7 @@ def test_ground_maps_the_bbox_2d_answer_to_original_pixels(qwen3_server: ServerP
         assert boxes[1]["xyxy"] == pytest.approx([268.8, 0.0, 448.0, 89.6], abs=0.06)
         assert boxes[0]["xyxy_norm"] == pytest.approx([0.1, 0.25, 0.5, 0.75], abs=1e-3)
 
-        tall = ground(client, _png(TALL), "the red circle", method="fastv", budget=0.25).json()
+        tall = ground(client, _png(TALL), "the red circle", method="fastv", budget=0.5).json()
         assert tall["model_input_size"] == [96, 288]
         assert [box["xyxy"] for box in tall["boxes"]] == [
             pytest.approx([10.0, 75.0, 50.0, 225.0], abs=0.06),
