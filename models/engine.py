@@ -154,8 +154,17 @@ class VisionLanguageAdapter(ABC):
     def image_token_id(self) -> int: ...
 
     @abstractmethod
-    def prepare(self, images: Sequence[Any], prompts: Sequence[str]) -> PreparedBatch:
-        """Images + user prompts -> processor tensors (chat template applied, left padding)."""
+    def prepare(
+        self,
+        images: Sequence[Any],
+        prompts: Sequence[str],
+        original_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> PreparedBatch:
+        """Images + user prompts -> processor tensors (chat template applied, left padding).
+
+        `original_sizes` are the sizes the frames refer to when `images` were already reduced by a decoder to
+        the geometry's `decode_size` (boxes then still map to the pixels of the image the client sent).
+        """
 
     @abstractmethod
     def encode_images(self, batch: PreparedBatch, configs: Sequence[PruningConfig]) -> list[EncodedImage]:

@@ -36,6 +36,8 @@ class PaddedSquareGeometry:
     input_side: int
     grid: tuple[int, int]
     shrink_limit: int
+    resample: str = "bilinear"
+    """The filter of the shrink (what a decoder that reduces an image must resize it with)."""
 
     def shrink_size(self, image_size: tuple[int, int]) -> tuple[int, int] | None:
         """The size a very large image is shrunk to before padding, or None when it is not shrunk."""
@@ -79,6 +81,8 @@ class SmartResizeGeometry:
     min_pixels: int
     max_pixels: int
     max_aspect_ratio: float = 200.0
+    resample: str = "bicubic"
+    """The processor's resize filter (what a decoder that reduces an image must resize it with)."""
 
     @property
     def factor(self) -> int:

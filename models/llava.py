@@ -103,17 +103,23 @@ class LlavaAdapter(VisionLanguageAdapter):
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return LLAVA_FALLBACK_TEMPLATE.format(prompt=prompt)
 
-    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> PreparedBatch:
+    def prepare(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        original_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> PreparedBatch:
         squares, frames = [], []
         fill = self.pad_fill()
-        for image in images:
+        sizes = original_sizes or [image.size for image in images]
+        for image, original_size in zip(images, sizes, strict=True):
             rgb = image.convert("RGB")
             shrunk = self.geometry.shrink_size(rgb.size)
             if shrunk is not None:
                 rgb = rgb.resize(shrunk, Image.Resampling.BILINEAR)
             square, _ = expand_to_square(rgb, fill)
             squares.append(square)
-            frames.append(self.frame_for(image.size))
+            frames.append(self.frame_for(original_size))
         texts = [self.format_prompt(prompt) for prompt in prompts]
         inputs = self.processor(images=squares, text=texts, padding=True, return_tensors="pt")
         inputs = {

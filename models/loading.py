@@ -7,6 +7,7 @@ This is the only entry point the serving worker uses. Nothing is downloaded: eve
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -58,7 +59,12 @@ def load_runner(model_dir: str | os.PathLike[str] = "builtin", device: str = "au
     path = resolve_model_dir(model_dir)
     target = resolve_device(device)
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
-    model_type = AutoConfig.from_pretrained(path).model_type
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in MODEL_TYPES:  # say so before transformers fails on an architecture it does not know
+        raise ValueError(
+            f"unsupported model_type {model_type!r} in {path}; supported: {', '.join(MODEL_TYPES)}"
+        )
+    AutoConfig.from_pretrained(path)  # validates the config as transformers reads it
     adapter: VisionLanguageAdapter
     if model_type == "llava":
         from transformers import LlavaForConditionalGeneration

@@ -94,16 +94,22 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return QWEN_FALLBACK_TEMPLATE.format(prompt=prompt)
 
-    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> PreparedBatch:
+    def prepare(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        original_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> PreparedBatch:
         rgb_images = [image.convert("RGB") for image in images]
+        sizes = original_sizes or [image.size for image in rgb_images]
         texts = [self.format_prompt(prompt) for prompt in prompts]
         inputs = self.processor(images=rgb_images, text=texts, padding=True, return_tensors="pt")
         inputs = {
             key: value.to(self.device) for key, value in inputs.items() if isinstance(value, torch.Tensor)
         }
         frames = [
-            Frame.resize(image.size, (int(w) * self.patch_size, int(h) * self.patch_size))
-            for image, (_, h, w) in zip(rgb_images, inputs["image_grid_thw"].tolist(), strict=True)
+            Frame.resize(size, (int(w) * self.patch_size, int(h) * self.patch_size))
+            for size, (_, h, w) in zip(sizes, inputs["image_grid_thw"].tolist(), strict=True)
         ]
         return PreparedBatch(inputs=inputs, frames=frames)
 

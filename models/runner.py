@@ -137,7 +137,8 @@ class ModelRunner:
         """The processor's work for a batch (resize, normalise, chat template, tokenise): CPU only."""
         start = time.perf_counter()
         images = [task.image for task in tasks]
-        batch = self.adapter.prepare(images, [self.prompt_for(task) for task in tasks])
+        sizes = [task.original_size or task.image.size for task in tasks]  # type: ignore[attr-defined]
+        batch = self.adapter.prepare(images, [self.prompt_for(task) for task in tasks], original_sizes=sizes)
         batch.image_keys = [task.image_key for task in tasks]
         return PreparedTasks(tasks=list(tasks), batch=batch, preprocess_s=time.perf_counter() - start)
 

@@ -33,6 +33,7 @@ _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # transposes and 90-degree rotations swap width and height
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+_RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 @dataclass(frozen=True)
@@ -151,13 +152,20 @@ def _png_exif_chunk(data: bytes) -> bytes | None:
     return None
 
 
-def decode_for_model(data: bytes, decode_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode the first frame to upright RGB, keeping at most about twice `decode_size` per side.
+def decode_for_model(
+    data: bytes, decode_size: tuple[int, int] | None = None, resample: str = "bicubic"
+) -> Image.Image:
+    """Decode the first frame to upright RGB: at full resolution, or, when it is much larger than the model reads,
+    reduced while decoding and then resized to exactly `decode_size`.
+
+    A reduced result has exactly `decode_size`, the size the model's own geometry would resize the original to,
+    so the adapter does no second resize and its frame (computed from the ORIGINAL size) stays exact.
 
     Args:
         data: The encoded image (already accepted by `probe_image`).
         decode_size: The largest (width, height) the model reads from this image, upright
             (`Geometry.decode_size`); None keeps the full resolution.
+        resample: The filter of that final resize ("bilinear" or "bicubic": the geometry's own).
 
     Raises:
         UnsupportedMediaError: The data is truncated or corrupt beyond its header.
@@ -168,16 +176,26 @@ def decode_for_model(data: bytes, decode_size: tuple[int, int] | None = None) ->
             img.seek(0)
             if decode_size is not None and img.format == "JPEG":
                 stored = _stored_size(decode_size, img)
+                img._nuwa_full_size = img.size  # type: ignore[attr-defined]
                 img.draft("RGB", stored)  # DCT scaling: decodes at 1/2 .. 1/8, never below `stored`
+            full_size = img.size if img.format != "JPEG" else _jpeg_full_size(img)
             img.load()
             if decode_size is not None:
                 img = _reduce_to(img, _stored_size(decode_size, img))
-            upright = ImageOps.exif_transpose(img)
-            return _to_rgb(upright)
+            reduced = img.size != full_size
+            upright = _to_rgb(ImageOps.exif_transpose(img))
+            if reduced and decode_size is not None and upright.size != decode_size:
+                upright = upright.resize(decode_size, _RESAMPLING[resample])
+            return upright
     except Image.DecompressionBombError as exc:
         raise PayloadTooLargeError(str(exc), code="image_too_large") from exc
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise UnsupportedMediaError(f"the image could not be decoded: {exc}", code="corrupt_image") from exc
+
+
+def _jpeg_full_size(img: Image.Image) -> tuple[int, int]:
+    """A JPEG's size before `draft` scaled its decoding (the header's)."""
+    return getattr(img, "_nuwa_full_size", img.size)
 
 
 def _stored_size(upright: tuple[int, int], img: Image.Image) -> tuple[int, int]:

@@ -247,8 +247,9 @@ class Supervisor:
             )
         self.restarts += 1
         self.metrics.worker_restarts.inc()
-        if was_ready:
+        if was_ready:  # a crash or a kill of a worker that had started: not a start failure
             delay = 0.1
+            self.last_error = None
         else:
             self._start_failures += 1
             if self._start_failures >= self.settings.worker_start_attempts:

@@ -141,6 +141,8 @@ class WorkerPipeline:
                     return
                 if isinstance(message, Cancel):
                     with self._lock:
+                        if len(self._cancelled) > 10_000:  # cancels that arrived after their batch ended
+                            self._cancelled.clear()
                         self._cancelled.update(message.request_ids)
                 elif isinstance(message, RunBatch):
                     self._prepared.put(self._prepare(message, time.monotonic()))
@@ -154,7 +156,10 @@ class WorkerPipeline:
         for item in message.items:
             start = time.monotonic()
             try:
-                image = decode_for_model(item.image.data, self.runner.geometry.decode_size(item.image.size))
+                geometry = self.runner.geometry
+                image = decode_for_model(
+                    item.image.data, geometry.decode_size(item.image.size), geometry.resample
+                )
             except NuwaError as exc:
                 prepared.failures[item.request_id] = WorkerFailure(
                     item.request_id, exc.status_code, exc.code, exc.message
@@ -185,6 +190,7 @@ class WorkerPipeline:
             max_new_tokens=item.max_new_tokens,
             image_key=f"{self.cache_namespace}:{digest}",
             stream=item.stream,
+            original_size=item.image.size,
         )
 
     # ------------------------------------------------------------------ main thread
@@ -194,14 +200,23 @@ class WorkerPipeline:
         self.outbox.send(BatchStarted(message.batch_id, started))
         self.progress.busy_since = started
         outcomes: dict[str, ItemResult | WorkerFailure] = dict(prepared.failures)
+        with self._lock:
+            cancelled = set(self._cancelled)
         live = []
         for item in prepared.items:
-            if item.deadline <= started:
+            if item.request_id in cancelled:  # its client left while it waited: do not run it at all
+                outcomes[item.request_id] = WorkerFailure(
+                    item.request_id, 499, "client_disconnected", "cancelled before the batch started"
+                )
+            elif item.deadline <= started:
                 outcomes[item.request_id] = WorkerFailure(
                     item.request_id, 504, "deadline_exceeded", "the deadline passed before the batch started"
                 )
             else:
                 live.append(item)
+        skipped = sum(1 for item in prepared.items if item.request_id in cancelled)
+        if skipped:
+            logger.info("batch %d: %d cancelled request(s) skipped", message.batch_id, skipped)
         try:
             self._stall_if_asked(live)
             for outcome in run_splitting(

@@ -59,8 +59,8 @@ async def read_health(request: Request, supervisor: SupervisorDep) -> Response:
             request, 503, "worker_failed", f"the model worker cannot start: {supervisor.last_error}"
         )
     starting = supervisor.state in (WorkerState.STARTING, WorkerState.RESTARTING)
-    if starting and pid is not None and supervisor.last_error is None:
-        # Loading (first start or after a crash): alive, not ready. A failed start attempt makes this 503 until
+    if starting and supervisor.last_error is None:
+        # Loading, or about to respawn (first start or after a crash): alive, not ready. A failed start attempt makes this 503 until
         # a later attempt succeeds, so a permanently broken model does not flap between 200 and 503.
         return JSONResponse({"status": "starting", "worker": worker})
     reason = supervisor.last_error or f"worker {supervisor.state.value}"

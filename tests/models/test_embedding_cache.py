@@ -1,0 +1,141 @@
+"""The image-embedding cache: a hit skips the vision tower and gives bit-identical results, for every method.
+
+Real tiny LLaVA and Qwen2.5-VL models; the cache is keyed by the caller's image key and the request's
+similarity layers; in-batch duplicates share one vision run; the LRU holds at most its byte bound.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.budget import PruningConfig
+from models.embedding_cache import EmbeddingCache, encoded_nbytes
+from models.llava import LlavaAdapter
+from models.methods import method_names
+from models.qwen2_5_vl import Qwen2_5_VLAdapter
+from tests.models.tiny import tiny_llava, tiny_qwen
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_5_vl"])
+def adapter(request):
+    if request.param == "llava":
+        return LlavaAdapter(*tiny_llava(seed=1))
+    return Qwen2_5_VLAdapter(*tiny_qwen(seed=1))
+
+
+def _image(seed: int, size: tuple[int, int] = (112, 84)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+class _CountingVision:
+    """Counts how many images the adapter's vision tower encodes (wraps `encode_images`)."""
+
+    def __init__(self, adapter) -> None:
+        self.images = 0
+        self._original = adapter.encode_images
+
+        def counted(batch, configs):
+            self.images += len(configs)
+            return self._original(batch, configs)
+
+        adapter.encode_images = counted
+        self._adapter = adapter
+
+    def restore(self) -> None:
+        self._adapter.encode_images = self._original
+
+
+def _generate(adapter, images, prompts, configs, keys, cache):
+    batch = adapter.prepare(images, prompts)
+    batch.image_keys = keys
+    return adapter.generate(batch, configs, max_new_tokens=4, embedding_cache=cache)
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_a_hit_skips_the_vision_tower_and_is_bit_identical(adapter, method: str) -> None:
+    cache = EmbeddingCache(64 * 1024 * 1024)
+    config = PruningConfig(method=method, budget=0.5)
+    image, prompt = _image(3), "Locate the red square in the image please"
+    counter = _CountingVision(adapter)
+    try:
+        miss = _generate(adapter, [image], [prompt], [config], ["img-3"], cache)
+        hit = _generate(adapter, [image], [prompt], [config], ["img-3"], cache)
+    finally:
+        counter.restore()
+    assert (miss.cache_status, hit.cache_status) == (["miss"], ["hit"])
+    assert counter.images == 1  # the second request never reached the vision tower
+    assert hit.sequences == miss.sequences
+    assert hit.reports == miss.reports  # same kept cells, per-layer counts and FLOPs, exactly
+    assert "vision" in hit.timings and hit.timings["vision"] < miss.timings["vision"]
+
+
+def test_the_same_image_in_one_batch_is_encoded_once(adapter) -> None:
+    counter = _CountingVision(adapter)
+    image = _image(5)
+    configs = [PruningConfig(budget=0.5), PruningConfig(method="fastv", budget=0.5), PruningConfig()]
+    prompts = ["What color is the circle?", "Locate the red square", "How many triangles?"]
+    try:
+        shared = _generate(adapter, [image] * 3, prompts, configs, ["same"] * 3, cache=None)
+        alone = [
+            _generate(adapter, [image], [prompt], [config], [None], cache=None)
+            for prompt, config in zip(prompts, configs, strict=True)
+        ]
+    finally:
+        counter.restore()
+    assert shared.cache_status == ["miss", "hit", "hit"]
+    assert counter.images == 1 + 3
+    for b, single in enumerate(alone):
+        assert shared.reports[b].kept == single.reports[0].kept
+        assert shared.reports[b].per_layer == single.reports[0].per_layer
+
+
+def test_different_similarity_layers_are_different_entries(adapter) -> None:
+    cache = EmbeddingCache(64 * 1024 * 1024)
+    image = _image(7)
+    first = PruningConfig(budget=0.5)
+    other = PruningConfig(budget=0.5, similarity_layers=(0.0, 0.5))
+    _generate(adapter, [image], ["What color?"], [first], ["img-7"], cache)
+    second = _generate(adapter, [image], ["What color?"], [other], ["img-7"], cache)
+    assert second.cache_status == ["miss"]
+    assert cache.stats().entries == 2
+
+
+def test_the_lru_stays_within_its_bytes_and_evicts_the_oldest(adapter) -> None:
+    probe = EmbeddingCache(1 << 30)
+    _generate(adapter, [_image(10)], ["What color?"], [PruningConfig()], ["a"], probe)
+    entry = probe.stats().bytes
+    cache = EmbeddingCache(2 * entry + entry // 2)  # room for two entries
+    for key in ("a", "b", "c"):
+        _generate(adapter, [_image(ord(key))], ["What color?"], [PruningConfig()], [key], cache)
+    stats = cache.stats()
+    assert (stats.entries, stats.evictions, stats.misses) == (2, 1, 3)
+    assert stats.bytes <= stats.capacity_bytes
+    again = _generate(adapter, [_image(ord("a"))], ["What color?"], [PruningConfig()], ["a"], cache)
+    assert again.cache_status == ["miss"]  # "a" was the least recently used
+    assert cache.stats().hits == 0
+
+
+def test_an_entry_larger_than_the_cache_is_not_stored(adapter) -> None:
+    cache = EmbeddingCache(16)
+    output = _generate(adapter, [_image(11)], ["What color?"], [PruningConfig()], ["big"], cache)
+    assert output.cache_status == ["miss"]
+    assert cache.stats().entries == 0 and cache.stats().bytes == 0
+
+
+def test_encoded_nbytes_counts_every_tensor() -> None:
+    from models.engine import EncodedImage
+
+    encoded = EncodedImage(
+        features=torch.zeros(4, 8),
+        salience=torch.zeros(4),
+        similarity=torch.zeros(4, 2, dtype=torch.float16),
+        key_norm=None,
+        grid=(2, 2),
+    )
+    assert encoded_nbytes(encoded) == 4 * 8 * 4 + 4 * 4 + 4 * 2 * 2
