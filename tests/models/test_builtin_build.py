@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from models.builtin.build import NUM_IMAGE_TOKENS, TINY_OVERRIDES, build_builtin
 from models.builtin.data import (
     IGNORE_INDEX,
     PATCH_TARGET_DIM,
+    PROMPT_ATTRIBUTE_CLASSES,
     Example,
     SceneBatches,
     TokenTable,
@@ -311,7 +313,9 @@ def _train_args(out: Path, *extra: str) -> list[str]:
 def test_training_steps_stay_finite_and_change_weights(tmp_path: Path) -> None:
     out = tmp_path / "run"
     record = train(parse_args(_train_args(out, "--steps", "2")))
-    assert record["step"] == 2 and 0.0 <= record["stage/ground_acc"] <= 1.0
+    assert record["step"] == 2
+    hits = record["stage/ground_acc"] * record["stage/ground_n"]  # a share of the scored grounding items
+    assert record["stage/ground_n"] >= 1 and hits == pytest.approx(round(hits))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if r["type"] == "train"]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
@@ -525,7 +529,13 @@ def test_cpu_bf16_training_with_example_weighting_and_attention_loss_stays_finit
     )
     train(parse_args(args))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2] and all(0 < r["loss"] < 50 for r in lines)
+    assert [r["step"] for r in lines] == [1, 2]
+    for (
+        r
+    ) in lines:  # the logged total is exactly the weighted sum of the logged parts (aux 0.5, attention 0.1)
+        assert r["loss"] == pytest.approx(
+            r["answer_loss"] + 0.5 * r["aux_loss"] + 0.1 * r.get("attn_loss", 0.0)
+        )
     assert any(r.get("attn_loss", 0) > 0 for r in lines)
     weights = load_file(out / "checkpoint" / "model.safetensors")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
@@ -599,7 +609,11 @@ def test_training_with_the_phrase_loss_saves_and_resumes_its_head(tmp_path: Path
     common = ("--eval-items", "0", "--phrase-weight", "1.0", "--stage", "color_shape")
     train(parse_args([*_train_args(out, "--steps", "3", "--stop-at", "2"), *common]))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(0 < r["phrase_loss"] < 20 and 0 <= r["phrase_acc"] <= 1 for r in lines)
+    # a fresh linear head over layer-normed states is nearly uniform: the summed cross-entropy starts close to
+    # the sum of log(class count) of the three attributes; accuracy is a share of the 2 rows of a batch
+    uniform = sum(math.log(classes) for classes in PROMPT_ATTRIBUTE_CLASSES)
+    assert abs(lines[0]["phrase_loss"] - uniform) < 1.0, (lines[0]["phrase_loss"], uniform)
+    assert all(r["phrase_acc"] * 2 == pytest.approx(round(r["phrase_acc"] * 2)) for r in lines)
     state = torch.load(out / STATE_FILE, weights_only=False)
     assert state["phrase_head"] is not None and state["step"] == 2
     train(parse_args([*_train_args(out, "--steps", "3", "--resume"), *common]))

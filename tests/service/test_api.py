@@ -9,8 +9,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from models.builtin.scenes import iou
 from tests.service.conftest import ServerProcess
-from tests.service.helpers import answer, assert_error, ground, red_circle_png
+from tests.service.helpers import RED_CIRCLE_BOX, answer, assert_error, ground, red_circle_png
 from tests.service.images import encode, png_header_only
 
 TIMING_KEYS = {
@@ -40,7 +41,7 @@ def _check_common(body: dict, image_size: list[int]) -> None:
     assert isinstance(body["raw_output"], str)
 
 
-def test_ground_multipart(client: httpx.Client) -> None:
+def test_ground_multipart(client: httpx.Client, trained_model: bool) -> None:
     response = ground(client, red_circle_png(), "the red circle", budget=64, method="nuwa")
     assert response.status_code == 200, response.text
     body = response.json()
@@ -54,6 +55,9 @@ def test_ground_multipart(client: httpx.Client) -> None:
         x1, y1, x2, y2 = box["xyxy"]
         assert 0 <= x1 < x2 <= 336 and 0 <= y1 < y2 <= 336
         assert box["xyxy_norm"] == pytest.approx([x1 / 336, y1 / 336, x2 / 336, y2 / 336], abs=1e-6)
+    if trained_model:  # the committed model finds the red circle at 64 of 144 tokens (measured)
+        assert body["boxes"], body["raw_output"]
+        assert iou(body["boxes"][0]["xyxy"], RED_CIRCLE_BOX) >= 0.5, body["boxes"][0]["xyxy"]
 
 
 def test_ground_json_with_base64_and_data_url(client: httpx.Client) -> None:
@@ -67,7 +71,7 @@ def test_ground_json_with_base64_and_data_url(client: httpx.Client) -> None:
         assert body["phrase"] == "the red circle"
 
 
-def test_answer(client: httpx.Client) -> None:
+def test_answer(client: httpx.Client, trained_model: bool) -> None:
     response = answer(client, red_circle_png(), "What shape is the red object?", budget=32)
     assert response.status_code == 200, response.text
     body = response.json()
@@ -75,6 +79,10 @@ def test_answer(client: httpx.Client) -> None:
     assert body["question"] == "What shape is the red object?"
     assert isinstance(body["answer"], str)
     assert "boxes" not in body
+    if trained_model:
+        assert body["answer"] == "circle"
+        for question, expected in (("What color is the circle?", "red"), ("Is there a blue square?", "yes")):
+            assert answer(client, red_circle_png(), question).json()["answer"] == expected
 
 
 def test_include_kept_tokens(client: httpx.Client) -> None:
@@ -105,7 +113,7 @@ def test_render_png_by_query_and_by_accept(client: httpx.Client) -> None:
         assert 0 < diff < rendered.size[0] * rendered.size[1]
 
 
-def test_chat_completions(client: httpx.Client) -> None:
+def test_chat_completions(client: httpx.Client, trained_model: bool) -> None:
     url = "data:image/png;base64," + base64.b64encode(red_circle_png()).decode()
     request = {
         "model": "whatever",
@@ -137,6 +145,9 @@ def test_chat_completions(client: httpx.Client) -> None:
     assert (choice["finish_reason"] == "length") == (usage["completion_tokens"] == 8)
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert usage["prompt_tokens_before_pruning"] - usage["prompt_tokens"] == 144 - 36
+    if trained_model:  # "red" and EOS, even with a quarter of the visual tokens chosen at random
+        assert choice["message"]["content"] == "red"
+        assert usage["completion_tokens"] == 2 and choice["finish_reason"] == "stop"
     nuwa = body["nuwa"]
     assert nuwa["visual_tokens"]["method"] == "random" and nuwa["visual_tokens"]["budget"] == 0.25
     assert set(nuwa["timing_ms"]) == TIMING_KEYS

@@ -1,7 +1,10 @@
 """NUWA_MODEL can name a Qwen2.5-VL directory: dynamic resolution reaches the API (sizes, token counts, boxes).
 
 Uses a tiny random-weight Qwen2.5-VL of the real transformers class (tests/models/tiny.py), saved to disk and
-served exactly like a real checkpoint.
+served exactly like a real checkpoint. A random model never writes a box, so the saved model is rigged
+(`answer_always`) to answer one known Qwen2.5-VL grounding answer, `bbox_2d` in ABSOLUTE pixels of the resized
+model input, whatever it is shown: everything after generation (parsing, the frame, the response) is the real
+served path, and the expected original-pixel boxes are computed here by hand.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from tests.service.helpers import ground, metric, scrape
 from tests.service.images import encode
 from tests.support.launcher import REPO
 
+ANSWER = '[{"bbox_2d": [31, 35, 154, 105], "label": "red circle"}]'
 SAVE_TINY_QWEN = (
     "import sys, torch\n"
     "torch.set_num_threads(1)\n"
-    "from tests.models.tiny import tiny_qwen\n"
+    "from tests.models.tiny import answer_always, tiny_qwen\n"
     "model, processor = tiny_qwen(max_pixels=224 * 224)\n"
+    "answer_always(model, processor, sys.argv[2])\n"
     "model.save_pretrained(sys.argv[1])\n"
     "processor.save_pretrained(sys.argv[1])\n"
 )
@@ -34,7 +39,7 @@ def qwen_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     model_dir = tmp_path_factory.mktemp("qwen") / "tiny-qwen2.5-vl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [sys.executable, "-c", SAVE_TINY_QWEN, str(model_dir)],
+        [sys.executable, "-c", SAVE_TINY_QWEN, str(model_dir), ANSWER],
         cwd=REPO,
         env=env,
         check=True,
@@ -63,12 +68,20 @@ def test_dynamic_resolution_sizes_and_tokens(qwen_server: ServerProcess) -> None
         tokens = body["visual_tokens"]
         assert tokens["original"] == 55 and tokens["budget"] == 0.5
         assert tokens["stage2"] < tokens["stage1"] < 55
-        for box in body["boxes"]:
-            x1, y1, x2, y2 = box["xyxy"]
-            assert 0 <= x1 < x2 <= 448 and 0 <= y1 < y2 <= 224
+        assert body["raw_output"] == ANSWER
+        # bbox_2d is in pixels of the 308x140 model input: x * 448 / 308, y * 224 / 140 in the original
+        (box,) = body["boxes"]
+        assert box["label"] == "red circle"
+        assert box["xyxy"] == pytest.approx([31 * 448 / 308, 56.0, 224.0, 168.0], abs=2e-3)
+        assert box["xyxy_norm"] == pytest.approx([31 / 308, 0.25, 0.5, 0.75], abs=1e-5)
         small_body = ground(client, small, "the red circle", method="none").json()
         assert small_body["model_input_size"] == [112, 112]
         assert small_body["visual_tokens"]["original"] == 16
+        # the same answer on a 100x100 image resized to 112x112: pixels scale by 100/112 on both axes, and
+        # x2 = 154 lies beyond the 112-pixel input, so it is clipped to the image's right edge
+        assert small_body["boxes"][0]["xyxy"] == pytest.approx(
+            [31 * 100 / 112, 35 * 100 / 112, 100.0, 105 * 100 / 112], abs=2e-3
+        )
         samples = scrape(client)
         assert metric(samples, "nuwa_visual_tokens_original_sum") >= 55 + 16
 
