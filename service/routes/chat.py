@@ -235,7 +235,14 @@ async def _stream_events(
                 else [{"index": 0, "delta": delta, "finish_reason": finish}],
                 **extra,
             }
-        ).model_dump(exclude_none=True)
+        ).model_dump()
+        for name in ("usage", "nuwa"):  # only the last chunk carries them (OpenAI omits them elsewhere)
+            if body[name] is None:
+                del body[name]
+        for choice in body["choices"]:  # a delta names only what it carries; the finish reason comes last
+            choice["delta"] = {key: value for key, value in choice["delta"].items() if value is not None}
+            if choice["finish_reason"] is None:
+                del choice["finish_reason"]
         return f"data: {json.dumps(body)}\n\n"
 
     with scheduler.track():
