@@ -121,7 +121,9 @@ class Supervisor:
     def worker(self) -> WorkerProcess | None:
         """The current worker when it is ready to take batches, else None."""
         worker = self._current
-        return worker if worker is not None and worker.ready is not None and not self._stopping else None
+        if worker is None or worker.ready is None or self.state is not WorkerState.READY or self._stopping:
+            return None
+        return worker
 
     @property
     def worker_pid(self) -> int | None:
@@ -138,6 +140,10 @@ class Supervisor:
         if worker is not None:
             logger.error("killing worker %d (pid %s): %s", worker.number, worker.pid, reason)
             self.last_error = reason
+            # Not ready from this moment: its exit is noticed a little later, and nothing may go to it meanwhile.
+            self.state = WorkerState.RESTARTING
+            self.ready_event.clear()
+            self.metrics.worker_ready.set(0)
             worker.kill()
 
     async def ping(self) -> PingReply:

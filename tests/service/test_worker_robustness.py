@@ -51,6 +51,7 @@ def test_a_hung_batch_fails_with_worker_stuck_and_the_worker_is_replaced(
         assert 2.5 <= waited < 20, waited  # the watchdog's 3 s, not the 30 s deadline
         hanging_server.wait_for("/readyz", timeout_s=120)
         health = client.get("/healthz").json()
+        assert "worker" in health, health
         assert health["worker"]["pid"] != old_pid and health["worker"]["restarts"] >= 1
         after = scrape(client)
         assert (
