@@ -87,6 +87,22 @@ class PreparedBatch:
         """(w, h) of the image each sample's vision encoder saw."""
         return [frame.input_size for frame in self.frames]
 
+    def to(self, device: torch.device) -> PreparedBatch:
+        """The same batch with its tensors on `device` (asynchronous from pinned memory).
+
+        `prepare` leaves tensors on the CPU on purpose: it runs on the worker's preparation thread, and a copy to
+        a CUDA device there would queue behind the running batch's kernels and stall the pipeline.
+        """
+        if all(not isinstance(v, torch.Tensor) or v.device == device for v in self.inputs.values()):
+            return self
+        inputs = {
+            key: value.to(device, non_blocking=value.is_pinned())
+            if isinstance(value, torch.Tensor)
+            else value
+            for key, value in self.inputs.items()
+        }
+        return PreparedBatch(inputs=inputs, frames=self.frames, image_keys=self.image_keys)
+
 
 @dataclass
 class Stage1Sample:
@@ -372,6 +388,7 @@ class VisionLanguageAdapter(ABC):
         if len(configs) != batch.batch_size:
             raise ValueError(f"{len(configs)} configs for a batch of {batch.batch_size}")
         clock = clock or StageClock(self.device)
+        batch = batch.to(self.device)
         start = clock.now()
         encoded, status = self.encode(batch, configs, cache)
         start = clock.add("vision", start)

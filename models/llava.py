@@ -122,9 +122,7 @@ class LlavaAdapter(VisionLanguageAdapter):
             frames.append(self.frame_for(original_size))
         texts = [self.format_prompt(prompt) for prompt in prompts]
         inputs = self.processor(images=squares, text=texts, padding=True, return_tensors="pt")
-        inputs = {
-            key: value.to(self.device) for key, value in inputs.items() if isinstance(value, torch.Tensor)
-        }
+        inputs = {key: value for key, value in inputs.items() if isinstance(value, torch.Tensor)}
         return PreparedBatch(inputs=inputs, frames=frames)
 
     @property

@@ -104,9 +104,7 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
         sizes = original_sizes or [image.size for image in rgb_images]
         texts = [self.format_prompt(prompt) for prompt in prompts]
         inputs = self.processor(images=rgb_images, text=texts, padding=True, return_tensors="pt")
-        inputs = {
-            key: value.to(self.device) for key, value in inputs.items() if isinstance(value, torch.Tensor)
-        }
+        inputs = {key: value for key, value in inputs.items() if isinstance(value, torch.Tensor)}
         frames = [
             Frame.resize(size, (int(w) * self.patch_size, int(h) * self.patch_size))
             for size, (_, h, w) in zip(sizes, inputs["image_grid_thw"].tolist(), strict=True)

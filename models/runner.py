@@ -140,6 +140,8 @@ class ModelRunner:
         sizes = [task.original_size or task.image.size for task in tasks]  # type: ignore[attr-defined]
         batch = self.adapter.prepare(images, [self.prompt_for(task) for task in tasks], original_sizes=sizes)
         batch.image_keys = [task.image_key for task in tasks]
+        if self.adapter.device.type == "cuda":  # pinned host memory: the copy to the device is asynchronous
+            batch.inputs = {key: value.pin_memory() for key, value in batch.inputs.items()}
         return PreparedTasks(tasks=list(tasks), batch=batch, preprocess_s=time.perf_counter() - start)
 
     @torch.inference_mode()
