@@ -138,6 +138,11 @@ class ModelRunner:
         start = time.perf_counter()
         images = [task.image for task in tasks]
         batch = self.adapter.prepare(images, [self.prompt_for(task) for task in tasks])
+        # An image the worker decoded smaller than its original: the frame starts from the original's size.
+        for b, task in enumerate(tasks):
+            decoded = batch.frames[b].original_size
+            if task.original_size is not None and task.original_size != decoded:
+                batch.frames[b] = Frame.resize(task.original_size, decoded).then(batch.frames[b])
         batch.image_keys = [task.image_key for task in tasks]
         return PreparedTasks(tasks=list(tasks), batch=batch, preprocess_s=time.perf_counter() - start)
 

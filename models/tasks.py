@@ -29,6 +29,8 @@ class TaskRequest:
         max_new_tokens: generation cap for this request.
         image_key: names the image's content (a hash of its bytes) for the embedding cache; None = never cached.
         stream: report the answer's text piece by piece while it is decoded (`ModelRunner.execute(on_text=)`).
+        original_size: (width, height) of the upright original when `image` was decoded smaller than it (the
+            worker's bounded decode); sizes and boxes are reported in it. None = `image` is the original.
     """
 
     image: object
@@ -38,6 +40,7 @@ class TaskRequest:
     max_new_tokens: int = 32
     image_key: str | None = None
     stream: bool = False
+    original_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -185,6 +185,7 @@ class WorkerPipeline:
             max_new_tokens=item.max_new_tokens,
             image_key=f"{self.cache_namespace}:{digest}",
             stream=item.stream,
+            original_size=item.image.size,
         )
 
     # ------------------------------------------------------------------ main thread
