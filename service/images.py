@@ -89,7 +89,8 @@ def probe_image(data: bytes, max_image_pixels: int) -> ImageProbe:
             code="image_too_large",
         ) from None
     except ValueError as exc:
-        if "too large" in str(exc).lower():  # PIL's limits on text/ICC chunks (e.g. a huge zTXt)
+        reason = str(exc).lower()
+        if "too large" in reason or "too much memory" in reason:  # PIL's limits on text/ICC chunks
             raise PayloadTooLargeError(
                 f"the image's metadata is too large to read: {exc}", code="image_metadata_too_large"
             ) from None
@@ -238,8 +239,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img.copy()
 
 
-# PIL refuses text chunks above this when reading a header; our own limit is on the whole body anyway.
+# PIL decompresses PNG text chunks (zTXt, iTXt) while reading the header. Nothing here uses them, so both of its
+# bounds are kept small: one chunk (also an ICC profile) at most 1 MiB, all text chunks at most 4 MiB (PIL's 64 MiB
+# default let an 80 KB PNG of many compressed chunks cost 64 MB in the API process). Over either: 413.
 PngImagePlugin.MAX_TEXT_CHUNK = 1024 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = 4 * 1024 * 1024
 
 __all__ = [
     "SUPPORTED_FORMATS",

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _QUIET_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics"})
+_CLOSE = {"Connection": "close"}  # the rest of a late body cannot be told from the next request: say so
 BODY_GRACE_S = 0.5
 """How long past the request's deadline a body may still complete before the answer is 408 (else 504)."""
 
@@ -109,13 +110,16 @@ class RequestContextMiddleware:
             # a body still incomplete after that is the client's doing: 408.
             timeout = min(idle_s, deadline + BODY_GRACE_S - time.monotonic())
             if timeout <= 0:
-                raise RequestTimeoutError("the request body did not arrive within the request's deadline")
+                raise RequestTimeoutError(
+                    "the request body did not arrive within the request's deadline", headers=dict(_CLOSE)
+                )
             try:
                 message = await asyncio.wait_for(receive(), timeout)
             except TimeoutError:
                 raise RequestTimeoutError(
                     f"the request body stalled: nothing arrived for {timeout:.3g} s "
-                    "(NUWA_BODY_IDLE_TIMEOUT_S, or the request's deadline)"
+                    "(NUWA_BODY_IDLE_TIMEOUT_S, or the request's deadline)",
+                    headers=dict(_CLOSE),
                 ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))

@@ -98,6 +98,33 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         handle.stop()
 
 
+HOSTILE_SETTINGS = {
+    "max_batch_size": "8",
+    "max_new_tokens": "4",
+    "max_image_pixels": "40000000",
+    "header_timeout_s": "2",
+    "body_idle_timeout_s": "2",
+    "keep_alive_s": "2",
+    "max_connections": "24",
+    "url_fetch_timeout_s": "3",
+    "image_url_allowlist": "127.0.0.1",
+    "request_timeout_s": "30",
+}
+"""The server of the hostile-input suite: the default 40 MP and 20 MB limits, short connection timeouts, a small
+connection cap, and 127.0.0.1 on the URL allow-list (for a local origin that trickles)."""
+
+
+@pytest.fixture(scope="session")
+def hostile_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for every hostile-input module (tests/service/test_hostile_*.py), started on first use."""
+    handle = start_server(model_dir, tmp_path_factory.mktemp("logs"), "hostile", **HOSTILE_SETTINGS)
+    try:
+        handle.wait_for("/readyz")
+        yield handle
+    finally:
+        handle.stop()
+
+
 @pytest.fixture
 def client(server: ServerProcess) -> Iterator[httpx.Client]:
     with server.client() as http:

@@ -94,7 +94,9 @@ def run_example(example: Example, server: ServerProcess, workdir: Path) -> str:
         text=True,
         timeout=180,
     )
-    assert result.returncode == 0, f"{example.document} {example.name}: exit {result.returncode}\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"{example.document} {example.name}: exit {result.returncode}\n{result.stderr}"
+    )
     return result.stdout
 
 
@@ -122,7 +124,11 @@ def matches(shown: Any, actual: Any, path: str = "") -> list[str]:
     if isinstance(shown, list):
         if not isinstance(actual, list) or len(shown) != len(actual):
             return [f"{path}: shown {shown!r}, got {actual!r}"]
-        return [p for i, (a, b) in enumerate(zip(shown, actual, strict=True)) for p in matches(a, b, f"{path}[{i}]")]
+        return [
+            p
+            for i, (a, b) in enumerate(zip(shown, actual, strict=True))
+            for p in matches(a, b, f"{path}[{i}]")
+        ]
     if shown != actual:
         return [f"{path}: shown {shown!r}, got {actual!r}"]
     return []
@@ -182,7 +188,12 @@ def test_every_documented_example_gives_the_documented_output(
 
 def test_the_harness_finds_a_difference() -> None:
     """The comparison would catch a wrong box, a missing field, or an unmarked example."""
-    shown = {"boxes": [{"xyxy": [1, 2, 3, 4]}], "timing_ms": {"total": 1.0}, "request_id": "x", "model": WILDCARD}
+    shown = {
+        "boxes": [{"xyxy": [1, 2, 3, 4]}],
+        "timing_ms": {"total": 1.0},
+        "request_id": "x",
+        "model": WILDCARD,
+    }
     same = {"boxes": [{"xyxy": [1, 2, 3, 4]}], "timing_ms": {"total": 9.0}, "request_id": "y", "model": "m"}
     assert matches(shown, same) == []
     wrong = {**same, "boxes": [{"xyxy": [1, 2, 3, 5]}]}

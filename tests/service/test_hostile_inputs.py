@@ -5,10 +5,17 @@ The corpus is generated here (nothing binary is committed): truncated PNG/JPEG, 
 animated GIF, an EXIF-rotated JPEG, a 1 MB phrase and non-UTF-8 form fields. For each 200 the test checks the
 answer is right for that input (size as displayed, boxes inside the image, the first GIF frame, white behind
 transparency), not only that something came back.
+
+Issue 15 added: images whose metadata or size PIL reports in its own terms (a JPEG over the limit named PIL's
+2x limit, a PNG with a huge zTXt chunk was "not an image"), image references that are not images (file://,
+data:text/plain), and special tokens of the model's tokenizer in user text (read as control tokens before).
+Connection-level cases are in test_hostile_http.py, field values in test_hostile_fields.py, memory and event-loop
+cases in test_hostile_load.py.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import struct
 import zlib
@@ -20,7 +27,7 @@ import pytest
 from PIL import Image
 
 from service.images import decode_for_model as decode_image
-from tests.service.helpers import assert_error, ground, red_circle_png
+from tests.service.helpers import answer, assert_error, ground, red_circle_png
 from tests.service.images import encode, exif_rotated_jpeg, png_header_only
 
 
@@ -252,6 +259,129 @@ def test_non_utf8_json_body_is_400(client: httpx.Client) -> None:
         headers={"Content-Type": "application/json"},
     )
     assert_error(response, 400, "invalid_json")
+
+
+# --------------------------------------------------------------------------------------------- issue 15: images
+
+MAX_PIXELS = 4_000_000  # NUWA_MAX_IMAGE_PIXELS of the main test server
+
+
+@pytest.mark.parametrize("size", [(3000, 3000), (2100, 2000)], ids=["over_2x_limit", "between_1x_and_2x"])
+def test_a_jpeg_over_the_limit_reports_our_limit(client: httpx.Client, size: tuple[int, int]) -> None:
+    """PIL refuses at open beyond TWICE its limit with its own number; the answer must name NUWA_MAX_IMAGE_PIXELS."""
+    data = encode(Image.new("RGB", size, (200, 200, 200)), "JPEG", quality=50)
+    error = assert_error(ground(client, data, "the red circle"), 413, "image_too_large")
+    assert f"{size[0] * size[1]}" in error["message"], error
+    assert f"{MAX_PIXELS}" in error["message"] and "NUWA_MAX_IMAGE_PIXELS" in error["message"], error
+    assert f"{2 * MAX_PIXELS}" not in error["message"], error
+
+
+def _png_with_chunk(kind: bytes, data: bytes, copies: int = 1) -> bytes:
+    """An 8x8 PNG with an extra ancillary chunk (`copies` times) before its pixel data."""
+    plain = encode(Image.new("RGB", (8, 8), (10, 200, 10)))
+    ihdr_end = 8 + 25  # signature, then the IHDR chunk (4 length + 4 type + 13 data + 4 CRC)
+    return plain[:ihdr_end] + _chunk(kind, data) * copies + plain[ihdr_end:]
+
+
+@pytest.mark.parametrize(
+    ("kind", "data", "copies"),
+    [
+        (b"zTXt", b"Comment\x00\x00" + zlib.compress(b"A" * 8_000_000, 9), 1),  # 8 MB of text in ~8 KB
+        (b"iTXt", b"Comment\x00\x01\x00\x00\x00" + zlib.compress(b"B" * 8_000_000, 9), 1),
+        (b"zTXt", b"Comment\x00\x00" + zlib.compress(b"C" * 1_000_000, 9), 80),  # 80 MB of text in ~80 KB
+    ],
+    ids=["zTXt", "compressed_iTXt", "many_zTXt"],
+)
+def test_a_png_with_a_huge_text_chunk_is_413_metadata(
+    client: httpx.Client, kind: bytes, data: bytes, copies: int
+) -> None:
+    """Compressed text over 1 MiB in one chunk or 4 MiB in all; plain tEXt is bounded by the body limit."""
+    data = _png_with_chunk(kind, data, copies)
+    assert len(data) < 2_000_000
+    error = assert_error(ground(client, data, "the red circle"), 413, "image_metadata_too_large")
+    assert "metadata" in error["message"] and "send PNG" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["file:///etc/passwd", "FILE://localhost/etc/hosts", "ftp://127.0.0.1/a.png", "gopher://127.0.0.1:70/"],
+)
+def test_urls_of_other_schemes_are_400_unsupported_url_scheme(client: httpx.Client, url: str) -> None:
+    scheme = url.split(":")[0]
+    error = assert_error(
+        client.post("/ground", json={"image": url, "phrase": "the red circle"}), 400, "unsupported_url_scheme"
+    )
+    assert repr(scheme) in error["message"] and "base64" not in error["message"].split(";")[0]
+    chat = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "a"}],
+            }
+        ]
+    }
+    assert_error(client.post("/v1/chat/completions", json=chat), 400, "unsupported_url_scheme")
+
+
+@pytest.mark.parametrize("media_type", ["text/plain", "application/octet-stream", "text/html"])
+def test_a_data_url_that_is_not_an_image_is_415_even_with_png_bytes(
+    client: httpx.Client, media_type: str
+) -> None:
+    url = f"data:{media_type};base64," + base64.b64encode(red_circle_png()).decode()
+    response = client.post("/ground", json={"image": url, "phrase": "the red circle"})
+    error = assert_error(response, 415, "unsupported_image_type")
+    assert media_type in error["message"]
+    chat = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "a"}],
+            }
+        ]
+    }
+    assert_error(client.post("/v1/chat/completions", json=chat), 415, "unsupported_image_type")
+
+
+# --------------------------------------------------------------------------------------------- issue 15: text
+
+BUILTIN_SPECIAL_TOKENS = ["<image>", "<loc_1>", "<loc_999>", "</s>", "<s>", "<pad>"]
+
+
+def _chat_with(text: str) -> dict:
+    url = "data:image/png;base64," + base64.b64encode(red_circle_png()).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
+    return {"messages": [{"role": "user", "content": content}]}
+
+
+@pytest.mark.parametrize("token", BUILTIN_SPECIAL_TOKENS)
+def test_special_tokens_in_user_text_are_422_naming_the_token(client: httpx.Client, token: str) -> None:
+    text = f"the red {token} circle"
+    png = red_circle_png()
+    responses = {
+        "phrase": ground(client, png, text),
+        "question": answer(client, png, text),
+        "messages[-1] (user text)": client.post("/v1/chat/completions", json=_chat_with(text)),
+        "phrase (second of two)": client.post(
+            "/ground",
+            json={"image": base64.b64encode(png).decode(), "phrases": ["the red circle", text]},
+        ),
+    }
+    for field, response in responses.items():
+        error = assert_error(response, 422, "special_token_in_text")
+        assert repr(token) in error["message"], (field, error)
+        assert "plain text" in error["message"]
+
+
+def test_lookalikes_of_special_tokens_are_plain_text(client: httpx.Client) -> None:
+    for text in (
+        "the red circle <img>",
+        "the red circle <loc>",
+        "the red circle < image >",
+        "the red circle </",
+    ):
+        response = ground(client, red_circle_png(), text, budget=64)
+        assert response.status_code == 200, (text, response.text)
+        assert response.json()["phrase"] == text
 
 
 def test_the_server_still_answers_after_the_corpus(client: httpx.Client) -> None:
