@@ -20,10 +20,13 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
+
+from PIL import Image
 
 from models.tasks import TaskRequest
 from service.batching import run_splitting
@@ -119,6 +122,10 @@ class WorkerPipeline:
         self.fault_injection = fault_injection
         self.progress = Progress()
         self._prepared: queue.SimpleQueue[_Prepared | None] = queue.SimpleQueue()
+        self._recent: OrderedDict[tuple[str, tuple[int, int]], Image.Image] = (
+            OrderedDict()
+        )  # reader thread only
+        self._recent_bytes = 0
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
 
@@ -155,11 +162,9 @@ class WorkerPipeline:
         prepared = _Prepared(message, received_at, received_at, [])
         for item in message.items:
             start = time.monotonic()
+            digest = _digest(item.image.data)
             try:
-                geometry = self.runner.geometry
-                image = decode_for_model(
-                    item.image.data, geometry.decode_size(item.image.size), geometry.resample
-                )
+                image = self._decoded(item, digest)
             except NuwaError as exc:
                 prepared.failures[item.request_id] = WorkerFailure(
                     item.request_id, exc.status_code, exc.code, exc.message
@@ -171,7 +176,7 @@ class WorkerPipeline:
                 continue
             prepared.decode_s[item.request_id] = time.monotonic() - start
             prepared.items.append(item)
-            prepared.tasks[item.request_id] = self._task(item, image)
+            prepared.tasks[item.request_id] = self._task(item, image, digest)
         if prepared.items:
             try:
                 prepared.whole = self.runner.prepare(list(prepared.tasks.values()))
@@ -180,8 +185,25 @@ class WorkerPipeline:
         prepared.ready_at = time.monotonic()
         return prepared
 
-    def _task(self, item: WorkItem, image: object) -> TaskRequest:
-        digest = hashlib.blake2b(item.image.data, digest_size=16).hexdigest()
+    def _decoded(self, item: WorkItem, digest: str) -> Image.Image:
+        """The model-sized decode of an item's image; a repeated image (several phrases, a client resending it)
+        is decoded once and reused while it stays among the recent ones (`DECODED_CACHE_BYTES`)."""
+        geometry = self.runner.geometry
+        size = geometry.decode_size(item.image.size)
+        key = (digest, size)
+        image = self._recent.get(key)
+        if image is not None:
+            self._recent.move_to_end(key)
+            return image
+        image = decode_for_model(item.image.data, size, geometry.resample)
+        self._recent[key] = image
+        self._recent_bytes += _image_bytes(image)
+        while self._recent_bytes > DECODED_CACHE_BYTES and len(self._recent) > 1:
+            _, old = self._recent.popitem(last=False)
+            self._recent_bytes -= _image_bytes(old)
+        return image
+
+    def _task(self, item: WorkItem, image: object, digest: str) -> TaskRequest:
         return TaskRequest(
             image=image,
             kind=item.kind,
@@ -282,6 +304,18 @@ class WorkerPipeline:
         if fault.seconds is None:
             threading.Event().wait()
         time.sleep(fault.seconds or 0.0)
+
+
+DECODED_CACHE_BYTES = 64 * 1024 * 1024
+"""Decoded images the reader thread keeps for reuse (they are at most the model's decode size each)."""
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _image_bytes(image: Image.Image) -> int:
+    return image.size[0] * image.size[1] * len(image.getbands())
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

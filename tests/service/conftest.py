@@ -108,7 +108,7 @@ HOSTILE_SETTINGS = {
     "max_connections": "24",
     "url_fetch_timeout_s": "3",
     "image_url_allowlist": "127.0.0.1",
-    "request_timeout_s": "30",
+    "request_timeout_s": "90",  # 16 images of 40 MP queue behind each other on a loaded 2-core machine
 }
 """The server of the hostile-input suite: the default 40 MP and 20 MB limits, short connection timeouts, a small
 connection cap, and 127.0.0.1 on the URL allow-list (for a local origin that trickles)."""
