@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
 from service.app import create_app
@@ -83,11 +85,16 @@ def test_one_json_log_line_per_request(client: httpx.Client, server: ServerProce
         client, red_circle_png(), "the red circle", budget=64, headers={"X-Request-Id": "log-check-1"}
     )
     assert response.status_code == 200
-    lines = [
-        r
-        for r in server.log_records()
-        if r.get("event") == "request" and r.get("request_id") == "log-check-1"
-    ]
+    deadline = time.monotonic() + 10  # the line is written as the response leaves: give it a moment
+    while True:
+        lines = [
+            r
+            for r in server.log_records()
+            if r.get("event") == "request" and r.get("request_id") == "log-check-1"
+        ]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(lines) == 1
     line = lines[0]
     assert line["endpoint"] == "/ground" and line["status"] == 200
