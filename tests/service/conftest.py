@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,13 @@ class ServerProcess(ServiceProcess):
             pytest.fail(str(error))
 
 
+@contextmanager
+def serving(model_dir: Path, log_dir: Path, name: str, **settings: str) -> Iterator[ServerProcess]:
+    """A started server, ready (`/readyz` 200), stopped on exit: the body of every server fixture."""
+    with serving(model_dir, log_dir, name, **settings) as handle:
+        yield handle
+
+
 def start_server(model_dir: Path, log_dir: Path, name: str, **settings: str) -> ServerProcess:
     """Start `python -m service` with NUWA_* settings (keyword names without the prefix, e.g. max_batch_size="4")."""
     defaults = {"max_new_tokens": "8", "log_level": "INFO"}
@@ -90,12 +98,8 @@ MAIN_SETTINGS = {
 @pytest.fixture(scope="session")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The main server (API key required, batches of up to 8), shared by the whole session."""
-    handle = start_server(model_dir, tmp_path_factory.mktemp("logs"), "main", **MAIN_SETTINGS)
-    try:
-        handle.wait_for("/readyz")
+    with serving(model_dir, tmp_path_factory.mktemp("logs"), "main", **MAIN_SETTINGS) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 HOSTILE_SETTINGS = {
@@ -117,12 +121,8 @@ connection cap, and 127.0.0.1 on the URL allow-list (for a local origin that tri
 @pytest.fixture(scope="session")
 def hostile_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server for every hostile-input module (tests/service/test_hostile_*.py), started on first use."""
-    handle = start_server(model_dir, tmp_path_factory.mktemp("logs"), "hostile", **HOSTILE_SETTINGS)
-    try:
-        handle.wait_for("/readyz")
+    with serving(model_dir, tmp_path_factory.mktemp("logs"), "hostile", **HOSTILE_SETTINGS) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 @pytest.fixture

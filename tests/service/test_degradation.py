@@ -14,7 +14,7 @@ import pytest
 from models.budget import PruningConfig
 from service.admission import DegradationPolicy
 from service.settings import Settings
-from tests.service.conftest import ServerProcess, start_server
+from tests.service.conftest import ServerProcess, serving
 from tests.service.helpers import assert_error, ground, red_circle_png
 
 # ---------------------------------------------------------------------------------------------- policy rules
@@ -94,12 +94,8 @@ DEGRADING = {
 
 @pytest.fixture(scope="module")
 def degrading_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    handle = start_server(model_dir, tmp_path_factory.mktemp("logs"), "degrading", **DEGRADING)
-    try:
-        handle.wait_for("/readyz")
+    with serving(model_dir, tmp_path_factory.mktemp("logs"), "degrading", **DEGRADING) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 def _expected_level(depth: int) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import ServerProcess, start_server
+from tests.service.conftest import ServerProcess, serving
 from tests.service.helpers import assert_error, ground, metric, red_circle_png, scrape
 
 # One request at a time, and a queue of at most 2000 estimated visual tokens (13 images of 144 tokens).
@@ -28,12 +28,8 @@ SMALL_QUEUE = {
 
 @pytest.fixture(scope="module")
 def small_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    handle = start_server(model_dir, tmp_path_factory.mktemp("logs"), "small-queue", **SMALL_QUEUE)
-    try:
-        handle.wait_for("/readyz")
+    with serving(model_dir, tmp_path_factory.mktemp("logs"), "small-queue", **SMALL_QUEUE) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 def test_full_visual_token_queue_answers_429_with_retry_after(small_server: ServerProcess) -> None:

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from models.budget import PruningConfig, plan_tokens
-from tests.service.conftest import ServerProcess, start_server
+from tests.service.conftest import ServerProcess, serving
 from tests.service.helpers import answer, ground
 from tests.service.images import encode
 from tests.support.launcher import REPO
@@ -56,14 +56,10 @@ def qwen3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
         capture_output=True,
         timeout=300,
     )
-    handle = start_server(
+    with serving(
         model_dir, tmp_path_factory.mktemp("logs"), "qwen3", max_batch_size="3", max_wait_ms="200"
-    )
-    try:
-        handle.wait_for("/readyz")
+    ) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 def _png(size: tuple[int, int]) -> bytes:

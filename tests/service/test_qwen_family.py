@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
-from tests.service.conftest import ServerProcess, start_server
+from tests.service.conftest import ServerProcess, serving
 from tests.service.helpers import assert_error, ground, metric, scrape
 from tests.service.images import encode
 from tests.support.launcher import REPO
@@ -47,14 +47,10 @@ def qwen_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
         capture_output=True,
         timeout=300,
     )
-    handle = start_server(
+    with serving(
         model_dir, tmp_path_factory.mktemp("logs"), "qwen", max_batch_size="4", max_wait_ms="30"
-    )
-    try:
-        handle.wait_for("/readyz")
+    ) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 def test_dynamic_resolution_sizes_and_tokens(qwen_server: ServerProcess) -> None:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from models.builtin.scenes import iou
-from tests.service.conftest import API_KEY, ServerProcess, start_server
+from tests.service.conftest import API_KEY, ServerProcess, serving
 from tests.service.helpers import RED_CIRCLE_BOX, ground, metric, red_circle_png, scene_png, scrape
 
 BLUE_SQUARE_BOX = (200, 40, 270, 110)  # tests/service/helpers.py red_circle_scene()
@@ -24,29 +24,21 @@ BLUE_SQUARE_BOX = (200, 40, 270, 110)  # tests/service/helpers.py red_circle_sce
 @pytest.fixture(scope="module")
 def window_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Batching window of 2 s: an idle worker must still get a lone request at once."""
-    handle = start_server(
+    with serving(
         model_dir,
         tmp_path_factory.mktemp("logs"),
         "window",
         api_keys=API_KEY,
         max_wait_ms="2000",
         max_batch_size="8",
-    )
-    try:
-        handle.wait_for("/readyz")
+    ) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 @pytest.fixture(scope="module")
 def uncached_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    handle = start_server(model_dir, tmp_path_factory.mktemp("logs"), "uncached", embed_cache_mb="0")
-    try:
-        handle.wait_for("/readyz")
+    with serving(model_dir, tmp_path_factory.mktemp("logs"), "uncached", embed_cache_mb="0") as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 def test_an_idle_worker_takes_a_lone_request_without_the_batching_window(

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.service.conftest import API_KEY, ServerProcess, start_server
+from tests.service.conftest import API_KEY, ServerProcess, serving
 from tests.service.helpers import metric, red_circle_png, scrape
 
 SLOW = "SLOWSTREAM"
@@ -106,19 +106,15 @@ def test_eos_on_the_last_allowed_token_is_stop_not_length(server: ServerProcess,
 @pytest.fixture(scope="module")
 def slow_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The worker stalls 2 s on prompts containing SLOWSTREAM (test-only fault injection)."""
-    handle = start_server(
+    with serving(
         model_dir,
         tmp_path_factory.mktemp("logs"),
         "slowstream",
         api_keys=API_KEY,
         fault_injection=f"sleep:2:{SLOW}",
         max_batch_size="1",
-    )
-    try:
-        handle.wait_for("/readyz")
+    ) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(slow_server: ServerProcess) -> None:

@@ -15,13 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import API_KEY, ServerProcess, start_server
+from tests.service.conftest import API_KEY, ServerProcess, serving, start_server
 from tests.service.helpers import assert_error, ground, metric, red_circle_png, scrape
 
 
 @pytest.fixture(scope="module")
 def hanging_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    handle = start_server(
+    with serving(
         model_dir,
         tmp_path_factory.mktemp("logs"),
         "hanging",
@@ -29,12 +29,8 @@ def hanging_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         fault_injection="hang:HANGME",
         batch_timeout_s="3",
         request_timeout_s="30",
-    )
-    try:
-        handle.wait_for("/readyz")
+    ) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 def test_a_hung_batch_fails_with_worker_stuck_and_the_worker_is_replaced(
@@ -64,7 +60,7 @@ def test_a_hung_batch_fails_with_worker_stuck_and_the_worker_is_replaced(
 
 @pytest.fixture(scope="module")
 def busy_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    handle = start_server(
+    with serving(
         model_dir,
         tmp_path_factory.mktemp("logs"),
         "busy",
@@ -73,12 +69,8 @@ def busy_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         liveness_timeout_s="2",
         batch_timeout_s="30",
         max_phrase_chars="5000",
-    )
-    try:
-        handle.wait_for("/readyz")
+    ) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 def test_a_busy_worker_stays_live_while_readiness_reports_the_load(busy_server: ServerProcess) -> None:
