@@ -6,9 +6,10 @@ No torch and no process plumbing here, so each rule is unit-tested with small va
   removed at once (`remove`), so it never reaches the worker.
 * `collect_batch` never makes a request wait while the worker is idle: it returns at once with what is queued.
   Only while the worker is busy does it gather company, until the batch is full (requests or visual tokens), the
-  OLDEST request has waited `max_wait_s`, or the worker becomes idle, whichever comes first: so requests that
-  queued during a running batch leave together the moment it ends, and `max_wait_s` is the longest wait, not the
-  usual one. (LitServe, by contrast, always waits its full `batch_timeout`.)
+  worker becomes idle, or the moment the next batch should leave so that its preparation (decode, preprocess)
+  overlaps the end of the running batch (`leave_at`; `max_wait_s` after the oldest request before that moment
+  can be estimated): so requests that queued during a running batch leave together, and no request waits for
+  company once the worker could take it. (LitServe, by contrast, always waits its full `batch_timeout`.)
 * `run_splitting` runs a batch and, when it fails as a whole (CUDA out of memory, a bad per-request config),
   splits it in halves and retries, so only the request that cannot run alone fails.
 """
@@ -131,17 +132,23 @@ async def collect_batch(
     busy: Callable[[], bool],
     busy_changed: Notifier,
     max_cost: int | None = None,
+    leave_at: Callable[[], float | None] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[PendingItem[T]]:
-    """The next batch: at once while the worker is idle; while it is busy, when full or after `max_wait_s`.
+    """The next batch: at once while the worker is idle; while it is busy, when it is full or when it should
+    leave so that its preparation ends as the running batch does.
 
     Args:
         queue: The pending queue (the caller is its only consumer).
         max_batch_size: Most items returned.
-        max_wait_s: Longest the oldest item waits for company while the worker is busy.
+        max_wait_s: While busy and with no `leave_at` estimate yet: the longest the oldest item waits for company.
         busy: Whether the worker is running a batch now.
         busy_changed: Notified when `busy()` may have changed (a batch finished).
         max_cost: Most summed cost (visual tokens) in one batch; a single costlier item goes alone.
+        leave_at: While busy: the clock time at which the next batch should leave (the running batch's expected
+            end minus the time the worker needs to prepare the next one), or None when not known yet. Requests
+            that queue during a running batch then leave together, just early enough for their preparation to
+            overlap its end, instead of in small batches every `max_wait_s`.
         clock: Monotonic clock in seconds (the items' `enqueued_at` uses the same one).
 
     Returns:
@@ -154,8 +161,13 @@ async def collect_batch(
         if oldest is None:
             await queue.changed.wait()
             continue
-        remaining = oldest.enqueued_at + max_wait_s - clock()
-        if not busy() or remaining <= 0 or queue.batch_is_full(max_batch_size, max_cost):
+        if not busy() or queue.batch_is_full(max_batch_size, max_cost):
+            return queue.take(max_batch_size, max_cost)
+        target = leave_at() if leave_at is not None else None
+        if target is None:
+            target = oldest.enqueued_at + max_wait_s
+        remaining = target - clock()
+        if remaining <= 0:
             return queue.take(max_batch_size, max_cost)
         await _first_of(queue.changed.wait(remaining), busy_changed.wait(remaining))
 

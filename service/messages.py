@@ -143,6 +143,8 @@ class BatchDone:
         received_at: When the worker's reader got the batch off the pipe.
         done_at: When the outcomes were ready to send.
         cache: The embedding cache's counters after this batch (None when it is disabled).
+        prepare_s: Seconds the reader thread spent preparing it (decoding, processor).
+        run_s: Seconds the main thread spent running it (vision to the last decoding step).
     """
 
     batch_id: int
@@ -150,6 +152,8 @@ class BatchDone:
     received_at: float
     done_at: float
     cache: CacheStats | None = None
+    prepare_s: float = 0.0
+    run_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,7 @@ class Scheduler:
         self._batch_ids = itertools.count(1)
         self._active = 0
         self._last_cache: CacheStats | None = None
+        self._timing = BatchTiming()
         self._dispatcher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -343,6 +344,7 @@ class Scheduler:
                 busy=lambda: bool(self._flights),
                 busy_changed=self._flights_changed,
                 max_cost=self.settings.max_batch_visual_tokens,
+                leave_at=self._next_batch_leaves_at,
             )
             try:
                 self._dispatch(pending)
@@ -383,6 +385,22 @@ class Scheduler:
         self.metrics.batch_size.observe(len(submissions))
         self._update_running()
         worker.send(RunBatch(batch_id, tuple(s.item for s in submissions), sent_at=now))
+
+    def _next_batch_leaves_at(self) -> float | None:
+        """When the next batch should be sent: the expected end of the batches already in the worker, less the
+        time the worker needs to receive and prepare a batch, so the preparation overlaps the running batch
+        (None: not known yet)."""
+        if not self._flights:
+            return None
+        lead_s = self._timing.lead_s
+        ends: float | None = None
+        for flight in sorted(self._flights.values(), key=lambda f: f.sent_at):
+            run_s = self._timing.run_s(len(flight.submissions))
+            if run_s is None:
+                return None
+            started = flight.started_at if flight.started_at is not None else flight.sent_at + lead_s
+            ends = max(started, ends if ends is not None else started) + run_s
+        return None if ends is None else ends - lead_s
 
     def _update_running(self) -> None:
         self.metrics.requests_running.set(sum(len(f.submissions) for f in self._flights.values()))
@@ -438,6 +456,7 @@ class Scheduler:
         self._update_running()
         self._flights_changed.notify()
         ipc_s = max(0.0, message.received_at - flight.sent_at) + max(0.0, delivered - message.done_at)
+        self._timing.observe(len(flight.submissions), message.run_s, message.prepare_s + ipc_s / 2)
         if message.cache is not None:
             self.metrics.record_cache(message.cache, self._last_cache)
             self._last_cache = message.cache
@@ -490,6 +509,40 @@ class Scheduler:
             entry.payload.pending = None
             self._resolve(entry.payload, error)
         self._fail_flights(error)
+
+
+class BatchTiming:
+    """Moving averages of how long the worker takes to run a batch of each size, and to receive and prepare one.
+
+    Why: the next batch should leave just early enough that its preparation ends when the running batch does;
+    sent earlier it would be smaller than it could have been (requests still arriving), sent later the device
+    would wait. Exponential averages (weight `alpha`) follow the load; an unseen size is estimated from the
+    nearest seen one, in proportion to the size.
+    """
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha = alpha
+        self._run_s: dict[int, float] = {}
+        self._lead_s: float | None = None
+
+    @property
+    def lead_s(self) -> float:
+        return self._lead_s or 0.0
+
+    def observe(self, size: int, run_s: float, lead_s: float) -> None:
+        if size < 1 or run_s <= 0:
+            return
+        old = self._run_s.get(size)
+        self._run_s[size] = run_s if old is None else old + self.alpha * (run_s - old)
+        self._lead_s = lead_s if self._lead_s is None else self._lead_s + self.alpha * (lead_s - self._lead_s)
+
+    def run_s(self, size: int) -> float | None:
+        if size in self._run_s:
+            return self._run_s[size]
+        if not self._run_s:
+            return None
+        nearest = min(self._run_s, key=lambda known: abs(known - size))
+        return self._run_s[nearest] * size / nearest
 
 
 def _without_ignored_budget(config: PruningConfig) -> PruningConfig:
@@ -548,4 +601,4 @@ def _error_of(failure: WorkerFailure, retry_after_s: int) -> NuwaError:
     return error
 
 
-__all__ = ["Admitted", "RequestSpec", "Scheduler", "Submission"]
+__all__ = ["Admitted", "BatchTiming", "RequestSpec", "Scheduler", "Submission"]

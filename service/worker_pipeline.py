@@ -260,6 +260,8 @@ class WorkerPipeline:
                 received_at=prepared.received_at,
                 done_at=time.monotonic(),
                 cache=cache,
+                prepare_s=prepared.ready_at - prepared.received_at,
+                run_s=time.monotonic() - started,
             )
         )
 

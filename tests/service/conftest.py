@@ -73,8 +73,12 @@ class ServerProcess(ServiceProcess):
 @contextmanager
 def serving(model_dir: Path, log_dir: Path, name: str, **settings: str) -> Iterator[ServerProcess]:
     """A started server, ready (`/readyz` 200), stopped on exit: the body of every server fixture."""
-    with serving(model_dir, log_dir, name, **settings) as handle:
+    handle = start_server(model_dir, log_dir, name, **settings)
+    try:
+        handle.wait_for("/readyz")
         yield handle
+    finally:
+        handle.stop()
 
 
 def start_server(model_dir: Path, log_dir: Path, name: str, **settings: str) -> ServerProcess:

@@ -220,3 +220,74 @@ def test_run_splitting_treats_a_short_answer_as_a_failure() -> None:
         return [0] * max(len(items) - 1, 1) if len(items) > 1 else [len(items)]
 
     assert run_splitting(drops_one, [7, 8], on_error=lambda item, exc: -1) == [1, 1]
+
+
+def test_while_busy_the_batch_leaves_at_the_estimated_moment_not_after_max_wait() -> None:
+    """With an estimate of the running batch's end, requests gather until then, even past `max_wait_s`: sending
+    them earlier would only split them into smaller batches the worker could not start any sooner."""
+
+    async def scenario() -> tuple[list[int], float]:
+        queue: PendingQueue[int] = PendingQueue()
+        start = time.monotonic()
+        queue.put(_item(1))
+
+        async def arrivals() -> None:
+            for value in (2, 3):
+                await asyncio.sleep(0.08)
+                queue.put(_item(value))
+
+        task = asyncio.create_task(arrivals())
+        batch = await _collect(queue, _Worker(busy=True), max_wait_s=0.05, leave_at=lambda: start + 0.3)
+        await task
+        return [item.payload for item in batch], time.monotonic() - start
+
+    payloads, waited = asyncio.run(scenario())
+    assert payloads == [1, 2, 3]  # max_wait alone would have sent [1] after 0.05 s
+    assert 0.28 <= waited < 1.0
+
+
+def test_an_estimated_moment_in_the_past_sends_at_once() -> None:
+    async def scenario() -> tuple[list[int], float]:
+        queue: PendingQueue[int] = PendingQueue()
+        queue.put(_item(1))
+        start = time.monotonic()
+        batch = await _collect(queue, _Worker(busy=True), max_wait_s=5.0, leave_at=lambda: start - 1.0)
+        return [item.payload for item in batch], time.monotonic() - start
+
+    payloads, waited = asyncio.run(scenario())
+    assert payloads == [1]
+    assert waited < 0.2
+
+
+def test_without_an_estimate_max_wait_still_bounds_the_wait() -> None:
+    async def scenario() -> tuple[list[int], float]:
+        queue: PendingQueue[int] = PendingQueue()
+        queue.put(_item(1))
+        start = time.monotonic()
+        batch = await _collect(queue, _Worker(busy=True), max_wait_s=0.1, leave_at=lambda: None)
+        return [item.payload for item in batch], time.monotonic() - start
+
+    payloads, waited = asyncio.run(scenario())
+    assert payloads == [1]
+    assert 0.09 <= waited < 1.0
+
+
+def test_the_batch_end_wins_over_a_later_estimate() -> None:
+    async def scenario() -> tuple[list[int], float]:
+        queue: PendingQueue[int] = PendingQueue()
+        worker = _Worker(busy=True)
+        queue.put(_item(1))
+        start = time.monotonic()
+
+        async def batch_ends() -> None:
+            await asyncio.sleep(0.05)
+            worker.set_busy(False)
+
+        task = asyncio.create_task(batch_ends())
+        batch = await _collect(queue, worker, max_wait_s=5.0, leave_at=lambda: start + 5.0)
+        await task
+        return [item.payload for item in batch], time.monotonic() - start
+
+    payloads, waited = asyncio.run(scenario())
+    assert payloads == [1]
+    assert 0.04 <= waited < 0.5
