@@ -119,33 +119,45 @@ def test_per_request_budget_is_the_family_plan(qwen3_server: ServerProcess, fiel
 
 
 def test_mixed_budgets_share_a_batch(qwen3_server: ServerProcess) -> None:
+    """Requests with different methods, budgets and grids can share one batch and each keeps its own plan.
+
+    An idle worker takes the first request alone at once, and while it is busy the next batch leaves as the
+    running one ends, so whether two of a handful of concurrent requests meet in one batch depends on timing:
+    rounds of concurrent requests are sent until one shows a shared batch, and every answer is checked.
+    """
     configs = [
         PruningConfig(budget=0.25),
         PruningConfig(method="fastv", budget=0.5),
         PruningConfig(method="none"),
-    ]
-    sizes = [WIDE, TALL, WIDE]
+    ] * 2
+    sizes = [WIDE, TALL, WIDE, TALL, WIDE, TALL]
+    batch_sizes: list[int] = []
     with qwen3_server.client() as client, ThreadPoolExecutor(len(configs)) as pool:
-        futures = [
-            pool.submit(
-                ground,
-                client,
-                _png(size),
-                "the red circle",
-                method=config.method,
-                budget=config.budget or "all",
-            )
-            for config, size in zip(configs, sizes, strict=True)
-        ]
-        bodies = [future.result().json() for future in futures]
-    assert max(body["batch_size"] for body in bodies) >= 2, "the requests should have been batched"
-    for body, config, size in zip(bodies, configs, sizes, strict=True):
-        grid = (5, 11) if size == WIDE else (9, 3)
-        tokens = body["visual_tokens"]
-        assert {key: tokens[key] for key in ("original", "stage1", "stage2")} == _expected_tokens(
-            config, grid
-        )
-        assert len(body["boxes"]) == 2
+        for _ in range(5):
+            futures = [
+                pool.submit(
+                    ground,
+                    client,
+                    _png(size),
+                    "the red circle",
+                    method=config.method,
+                    budget=config.budget or "all",
+                )
+                for config, size in zip(configs, sizes, strict=True)
+            ]
+            bodies = [future.result().json() for future in futures]
+            for body, config, size in zip(bodies, configs, sizes, strict=True):
+                grid = (5, 11) if size == WIDE else (9, 3)
+                tokens = body["visual_tokens"]
+                assert {key: tokens[key] for key in ("original", "stage1", "stage2")} == _expected_tokens(
+                    config, grid
+                )
+                assert len(body["boxes"]) == 2
+            batch_sizes += [body["batch_size"] for body in bodies]
+            if max(batch_sizes) >= 2:
+                break
+    assert max(batch_sizes) >= 2, f"no two requests shared a batch: {batch_sizes}"
+    assert max(batch_sizes) <= 3  # NUWA_MAX_BATCH_SIZE=3
 
 
 def test_answer_and_chat(qwen3_server: ServerProcess) -> None:
