@@ -39,6 +39,57 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> tuple[Im
     return canvas, offset
 
 
+def clip_layer_range(fractions: tuple[float, float], num_layers: int) -> tuple[int, int]:
+    """(first, last) encoder layer index, inclusive, of a similarity range given as fractions of the depth.
+
+    The fractions name hidden states 1..num_layers (hidden state i = output of encoder layer i - 1); CLIP-L with
+    the default (0.65, 1.0) gives hidden states 16..24.
+    """
+    first = max(1, round(fractions[0] * num_layers))
+    last = max(first, round(fractions[1] * num_layers))
+    return first - 1, min(last, num_layers) - 1
+
+
+class ClipLayerOutputs:
+    """Forward hooks on CLIP encoder layers: the feature layer's output, and a running float32 sum per range.
+
+    Replaces `output_hidden_states=True` + stacking: only the layers that are needed are read, and the similarity
+    mean is accumulated as the layers run (one `(B, 1 + N, D)` float32 tensor per distinct range).
+    """
+
+    def __init__(
+        self, layers: torch.nn.ModuleList, feature_layer: int, ranges: Sequence[tuple[int, int]]
+    ) -> None:
+        self.feature_layer = feature_layer
+        self.ranges = list(ranges)
+        self.features: torch.Tensor | None = None
+        self.sums: dict[tuple[int, int], torch.Tensor] = {}
+        wanted = sorted({feature_layer} | {i for first, last in self.ranges for i in range(first, last + 1)})
+        self.handles = [layers[i].register_forward_hook(self._hook(i)) for i in wanted]
+
+    def _hook(self, index: int) -> Any:
+        def record(module: torch.nn.Module, args: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output  # (B, 1 + N, D)
+            if index == self.feature_layer:
+                self.features = hidden
+            for blocks in self.ranges:
+                if blocks[0] <= index <= blocks[1]:
+                    if blocks in self.sums:
+                        self.sums[blocks].add_(hidden)
+                    else:
+                        self.sums[blocks] = hidden.float().clone()
+
+        return record
+
+    def means(self) -> dict[tuple[int, int], torch.Tensor]:
+        return {blocks: total / (blocks[1] - blocks[0] + 1) for blocks, total in self.sums.items()}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
 class LlavaAdapter(VisionLanguageAdapter):
     """Nüwa pruning for one `LlavaForConditionalGeneration` instance."""
 
@@ -150,36 +201,38 @@ class LlavaAdapter(VisionLanguageAdapter):
 
     def encode_images(self, batch: PreparedBatch, configs: Sequence[PruningConfig]) -> list[EncodedImage]:
         vision_tower = self.model.model.vision_tower
-        num_layers = len(self.vision_layers)
+        layers = self.vision_layers
+        num_layers = len(layers)
         layer = self.vision_feature_layer
-        probe_layer = num_layers + layer if layer < 0 else layer - 1
+        feature_layer = num_layers + layer if layer < 0 else layer - 1  # encoder layer whose output is used
+        ranges = {
+            config.similarity_layers: clip_layer_range(config.similarity_layers, num_layers)
+            for config in configs
+        }
+        recorder = ClipLayerOutputs(layers, feature_layer, sorted(set(ranges.values())))
         probe = ClsRowProbe()
-        attach_probe(self.vision_layers[probe_layer].self_attn, probe)
+        attach_probe(layers[feature_layer].self_attn, probe)
         try:
             pixel_values = batch.inputs["pixel_values"].to(self.model.dtype)
-            outputs = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+            vision_tower(pixel_values, return_dict=True)
         finally:
-            attach_probe(self.vision_layers[probe_layer].self_attn, None)
-        hidden_states = outputs.hidden_states
-        features = hidden_states[layer][:, 1:]
-        encoded = []
-        for b, config in enumerate(configs):
-            start, end = config.similarity_layers
-            first = max(1, round(start * num_layers))
-            last = max(first, round(end * num_layers))
-            similarity = (
-                torch.stack([hidden_states[i][b, 1:] for i in range(first, last + 1)]).float().mean(0)
+            attach_probe(layers[feature_layer].self_attn, None)
+            recorder.remove()
+        features = recorder.features[:, 1:]
+        similarity = {
+            blocks: torch.nn.functional.normalize(mean[:, 1:], dim=-1)
+            for blocks, mean in recorder.means().items()
+        }
+        return [
+            EncodedImage(
+                features=features[b],
+                salience=probe.salience[b],
+                similarity=similarity[ranges[config.similarity_layers]][b],
+                key_norm=probe.key_norm[b],
+                grid=self.grid,
             )
-            encoded.append(
-                EncodedImage(
-                    features=features[b],
-                    salience=probe.salience[b],
-                    similarity=torch.nn.functional.normalize(similarity, dim=-1),
-                    key_norm=probe.key_norm[b],
-                    grid=self.grid,
-                )
-            )
-        return encoded
+            for b, config in enumerate(configs)
+        ]
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)
@@ -189,4 +242,4 @@ class LlavaAdapter(VisionLanguageAdapter):
         return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
-__all__ = ["LlavaAdapter", "expand_to_square"]
+__all__ = ["ClipLayerOutputs", "LlavaAdapter", "clip_layer_range", "expand_to_square"]

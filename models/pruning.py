@@ -48,8 +48,10 @@ def attention_row(query: Tensor, key: Tensor, scaling: float, key_mask: Tensor |
 def attention_column_sum(query: Tensor, key: Tensor, scaling: float, chunk: int = 1024) -> Tensor:
     """Attention each key receives from all queries (full, non-causal), mean over heads.
 
-    This is the salience of encoders without a CLS token (Qwen2.5-VL's last vision block). Queries are processed
-    `chunk` at a time and heads one by one, so memory stays `O(chunk * num_keys)` even for ~16k patches.
+    This is the salience of encoders without a CLS token (Qwen2.5-VL's last full-attention vision block). Heads
+    are processed one by one and queries `chunk` at a time, with the softmax done in place on the one logits
+    buffer, so the extra memory is ONE `(chunk, num_keys)` float32 buffer plus one head's float32 key, whatever
+    the number of heads (grouped key heads are read in place, never repeated).
 
     Args:
         query: float tensor of shape `(num_heads, num_queries, head_dim)`.
@@ -63,13 +65,20 @@ def attention_column_sum(query: Tensor, key: Tensor, scaling: float, chunk: int 
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     num_heads, num_queries, _ = query.shape
-    key = _repeat_kv(key, num_heads)
+    num_kv_heads = key.shape[0]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of key heads ({num_kv_heads})")
+    group = num_heads // num_kv_heads
     totals = torch.zeros(key.shape[1], dtype=torch.float32, device=query.device)
     for head in range(num_heads):
-        head_key_t = key[head].float().transpose(0, 1)
+        head_key_t = key[head // group].float().transpose(0, 1)  # (d, Lk)
         for start in range(0, num_queries, chunk):
-            logits = torch.matmul(query[head, start : start + chunk].float(), head_key_t) * scaling
-            totals += torch.softmax(logits, dim=-1).sum(dim=0)
+            probs = torch.matmul(query[head, start : start + chunk].float() * scaling, head_key_t)
+            probs -= probs.amax(dim=-1, keepdim=True)
+            probs.exp_()
+            row_scale = probs.sum(dim=-1).reciprocal_()  # (chunk,): 1 / softmax denominator per query
+            totals.addmv_(probs.transpose(0, 1), row_scale)  # sum over queries of exp / denominator
+            del probs  # free this chunk's buffer before the next matmul allocates its own
     return totals / num_heads
 
 
