@@ -9,10 +9,15 @@ Family specifics, read top to bottom:
 - Similarity: L2-normalised mean of the middle-to-late CLIP layers (CLIP-L: hidden states 16..24).
 - Aggregation happens on the selected CLIP features BEFORE the projector; kept tokens are then projected.
 - Positions are 1-D: the unpruned sequence's `cumsum(attention_mask) - 1`, gathered for the kept tokens.
+- Older llava-hf conversions ship a `processor_config.json` without `num_additional_image_tokens` (or
+  `patch_size`, `vision_feature_select_strategy`); the stock processor then expands `<image>` to 575 placeholders
+  for 576 visual tokens and every request fails. What the processor must know is read from the model itself
+  (`align_processor_with_model`: a CLIP tower with a CLS token adds one).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +30,42 @@ from models.budget import PruningConfig
 from models.engine import EncodedImage, PreparedBatch, VisionLanguageAdapter
 
 LLAVA_FALLBACK_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+
+logger = logging.getLogger(__name__)
+
+
+def vision_additional_tokens(model: torch.nn.Module) -> int:
+    """Tokens the vision tower adds in front of its patches: 1 for CLIP's CLS token, 0 for SigLIP-style towers."""
+    tower = model.model.vision_tower
+    embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+    positions, patches = getattr(embeddings, "num_positions", None), getattr(embeddings, "num_patches", None)
+    if isinstance(positions, int) and isinstance(patches, int):
+        return positions - patches
+    return 1 if getattr(embeddings, "class_embedding", None) is not None else 0
+
+
+def align_processor_with_model(model: torch.nn.Module, processor: Any) -> dict[str, object]:
+    """Set the processor fields that decide the `<image>` expansion from the model; returns what was changed.
+
+    The model is the ground truth: the processor must expand `<image>` to exactly the tokens the vision tower
+    yields after the feature-select strategy, otherwise every request fails in the sequence rebuild.
+    """
+    expected = {
+        "patch_size": int(model.config.vision_config.patch_size),
+        "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
+        "num_additional_image_tokens": vision_additional_tokens(model),
+    }
+    changed = {}
+    for name, value in expected.items():
+        if hasattr(processor, name) and getattr(processor, name) != value:
+            changed[name] = (getattr(processor, name), value)
+            setattr(processor, name, value)
+    if changed:
+        logger.warning(
+            "processor settings corrected from the model (processor_config.json lacks or contradicts them): %s",
+            ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items()),
+        )
+    return changed
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> tuple[Image.Image, tuple[int, int]]:
@@ -105,6 +146,7 @@ class LlavaAdapter(VisionLanguageAdapter):
                 f"strategy={strategy!r}"
             )
         self.vision_feature_layer = layer
+        align_processor_with_model(model, processor)
         self.tokenizer.padding_side = "left"
 
     # ---- family hooks ----------------------------------------------------------------------------------------
@@ -242,4 +284,11 @@ class LlavaAdapter(VisionLanguageAdapter):
         return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
-__all__ = ["ClipLayerOutputs", "LlavaAdapter", "clip_layer_range", "expand_to_square"]
+__all__ = [
+    "ClipLayerOutputs",
+    "LlavaAdapter",
+    "align_processor_with_model",
+    "clip_layer_range",
+    "expand_to_square",
+    "vision_additional_tokens",
+]
