@@ -1,4 +1,4 @@
-"""Peak extra memory of the salience probes, counted allocation by allocation (torch profiler, CPU allocator).
+"""Peak extra memory of the salience probes and of the aggregation, counted allocation by allocation (torch profiler, CPU allocator).
 
 The Qwen2.5-VL column sum once built float32 logits and softmax for all heads at once (H x chunk x L), so one
 12.8 MP image needed several GB. It must not grow with the number of heads, and with a fixed chunk at most
@@ -7,10 +7,13 @@ linearly with the patch count.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from models import pruning
 from models.attention import ColumnSumProbe, QueryRowProbe
+from models.pruning import aggregate, proximity_radius
 
 torch.set_num_threads(1)
 
@@ -66,3 +69,38 @@ def test_query_row_probe_does_not_repeat_grouped_key_heads() -> None:
         query[0, :, -1:] @ key[0].repeat_interleave(8, 0).transpose(-1, -2) * dim**-0.5, -1
     )
     torch.testing.assert_close(probe.rows[0], expected, atol=1e-6, rtol=0)
+
+
+def _aggregation_case(grid: tuple[int, int], kept_every: int = 2) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(3)
+    num_tokens = grid[0] * grid[1]
+    features = torch.randn(num_tokens, 16, generator=gen)
+    similarity = torch.randn(num_tokens, 8, generator=gen)
+    salience = torch.rand(num_tokens, generator=gen)
+    kept = torch.arange(0, num_tokens, kept_every)
+    return features, similarity, salience, kept
+
+
+@pytest.mark.parametrize("convex_rows", [False, True])
+def test_aggregation_in_row_chunks_equals_one_pass(
+    monkeypatch: pytest.MonkeyPatch, convex_rows: bool
+) -> None:
+    features, similarity, salience, kept = _aggregation_case((12, 10))
+    radius = proximity_radius((12, 10), 280 / 1058)
+    whole = aggregate(features, similarity, salience, kept, (12, 10), radius, convex_rows=convex_rows)
+    monkeypatch.setattr(pruning, "AGGREGATE_BUFFER_ELEMENTS", 7 * 120)  # 7 rows per chunk
+    chunked = aggregate(features, similarity, salience, kept, (12, 10), radius, convex_rows=convex_rows)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+    assert not torch.equal(whole, features[kept])  # something was mended
+
+
+def test_aggregation_peak_is_bounded_by_the_chunk_not_kept_x_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    grid = (64, 64)  # N = 4096, K = 2048: one pass would hold several K x N = 32 MiB temporaries
+    features, similarity, salience, kept = _aggregation_case(grid)
+    radius = proximity_radius(grid, 280 / 1058)
+    one_pass = peak_allocated_bytes(lambda: aggregate(features, similarity, salience, kept, grid, radius))
+    monkeypatch.setattr(pruning, "AGGREGATE_BUFFER_ELEMENTS", 1 << 20)  # 256 rows per chunk
+    peak = peak_allocated_bytes(lambda: aggregate(features, similarity, salience, kept, grid, radius))
+    rows = (1 << 20) // 4096
+    assert peak <= 3 * rows * 4096 * 4 + 4 * 4096 * 16 * 4
+    assert peak * 4 < one_pass
