@@ -101,8 +101,15 @@ def qwen_full_attention(depth: int) -> list[int]:
     return [depth - 1]
 
 
-def qwen_config(depth: int, vocab_size: int, special_ids: dict[str, int]) -> Any:
-    """Qwen2.5-VL config: the 7B's REAL vision dims at `depth` blocks, a 2-layer LLM of width 256."""
+SMOKE_QWEN_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_heads": 2}
+SMOKE_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2}
+
+
+def qwen_config(depth: int, vocab_size: int, special_ids: dict[str, int], smoke: bool = False) -> Any:
+    """Qwen2.5-VL config: the 7B's REAL vision dims at `depth` blocks, a 2-layer LLM of width 256.
+
+    `smoke` shrinks the vision widths (the code path only, for dry runs on a CPU; its numbers mean nothing).
+    """
     from transformers import Qwen2_5_VLConfig
 
     return Qwen2_5_VLConfig(
@@ -135,6 +142,7 @@ def qwen_config(depth: int, vocab_size: int, special_ids: dict[str, int]) -> Any
             "temporal_patch_size": 2,
             "window_size": 112,
             "fullatt_block_indexes": qwen_full_attention(depth),
+            **(SMOKE_QWEN_VISION if smoke else {}),
         },
         image_token_id=special_ids["<|image_pad|>"],
         video_token_id=special_ids["<|video_pad|>"],
@@ -143,7 +151,7 @@ def qwen_config(depth: int, vocab_size: int, special_ids: dict[str, int]) -> Any
     )
 
 
-def build_qwen(device: Any, dtype: Any, depth: int) -> Any:
+def build_qwen(device: Any, dtype: Any, depth: int, smoke: bool = False) -> Any:
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -154,7 +162,7 @@ def build_qwen(device: Any, dtype: Any, depth: int) -> Any:
 
     tokenizer = _qwen_tokenizer()
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN_SPECIALS}
-    config = qwen_config(depth, len(tokenizer), ids)
+    config = qwen_config(depth, len(tokenizer), ids, smoke)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype).eval()
     image_processor = Qwen2VLImageProcessorPil(
@@ -170,7 +178,7 @@ def build_qwen(device: Any, dtype: Any, depth: int) -> Any:
     return Qwen2_5_VLAdapter(model, processor)
 
 
-def build_llava(device: Any, dtype: Any) -> Any:
+def build_llava(device: Any, dtype: Any, smoke: bool = False) -> Any:
     import torch
     from transformers import (
         CLIPVisionConfig,
@@ -186,15 +194,15 @@ def build_llava(device: Any, dtype: Any) -> Any:
     from models.llava import LlavaAdapter
 
     tokenizer = build_tokenizer()
+    clip = {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+    }
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            image_size=336,
-            patch_size=14,
-            projection_dim=768,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
+            image_size=336, patch_size=14, projection_dim=768, **(SMOKE_CLIP if smoke else clip)
         ),
         text_config=LlamaConfig(
             vocab_size=len(tokenizer),
@@ -286,18 +294,24 @@ class AllocatorPeak:
         self.peak_bytes = peak
 
 
-def measure_one(model_name: str, megapixels: float, mode: str, device_name: str, qwen_depth: int) -> dict:
-    """One measurement in this (fresh) process; returns the row."""
+def build(model_name: str, device_name: str, qwen_depth: int, smoke: bool) -> Any:
+    import torch
+
+    device = torch.device(device_name)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if model_name.startswith("qwen"):
+        return build_qwen(device, dtype, qwen_depth, smoke)
+    return build_llava(device, dtype, smoke)
+
+
+def measure(adapter: Any, model_name: str, megapixels: float, mode: str) -> dict:
+    """Peak memory and time of one run of `mode` on one image of about `megapixels` MP."""
     import torch
 
     from models.budget import PruningConfig
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    device = torch.device(device_name)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    adapter = (
-        build_qwen(device, dtype, qwen_depth) if model_name.startswith("qwen") else build_llava(device, dtype)
-    )
+    device = adapter.device
+    dtype = next(adapter.model.parameters()).dtype
     size = image_size_for(megapixels)
     batch = adapter.prepare([scene(size)], [PROMPT])
     config = PruningConfig(method="nuwa", budget=0.25)
@@ -305,7 +319,8 @@ def measure_one(model_name: str, megapixels: float, mode: str, device_name: str,
         _, grid_h, grid_w = (int(v) for v in batch.inputs["image_grid_thw"][0].tolist())
         patches, model_input = grid_h * grid_w, (grid_w * 14, grid_h * 14)
     else:
-        patches, model_input = 576, (336, 336)
+        patches = int(adapter.grid[0] * adapter.grid[1])
+        model_input = (adapter.input_side, adapter.input_side)
     kept = None
 
     def run() -> None:
@@ -325,18 +340,17 @@ def measure_one(model_name: str, megapixels: float, mode: str, device_name: str,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    # CPU: one run, timed, under the profiler (its per-op overhead is small next to these ops) with the RSS
-    # high-water mark reset just before. CUDA: a warm-up run gives the allocator peak, a second run the time.
+    # One run, timed, inside the peak measurement (on CPU the profiler's per-op overhead is small next to these
+    # ops), with the RSS high-water mark reset just before.
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     rss_base = _status_kib("VmRSS")
     rss_reset = reset_rss_peak()
     with AllocatorPeak(device) as peak:
         start, cpu_start = time.perf_counter(), time.process_time()
         run()
-    if device.type == "cuda":
-        start, cpu_start = time.perf_counter(), time.process_time()
-        run()
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     rss_peak = _status_kib("VmHWM")
     return {
         "model": model_name,
@@ -354,26 +368,65 @@ def measure_one(model_name: str, megapixels: float, mode: str, device_name: str,
         "rss_base_mib": rss_base / 1024,
         "rss_peak_mib": rss_peak / 1024 if rss_reset else None,
         "rss_extra_mib": (rss_peak - rss_base) / 1024 if rss_reset else None,
-        "device": device_name,
+        "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
-        "qwen_depth": qwen_depth if adapter.family == "qwen2_5_vl" else None,
+        "qwen_vision_blocks": len(adapter.model.model.visual.blocks)
+        if adapter.family == "qwen2_5_vl"
+        else None,
     }
 
 
+def measure_one(
+    model_name: str, megapixels: float, mode: str, device_name: str, qwen_depth: int, smoke=False
+):
+    """One measurement in this (fresh) process; returns the row."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    return measure(build(model_name, device_name, qwen_depth, smoke), model_name, megapixels, mode)
+
+
+def _log_row(row: dict) -> None:
+    logger.info(
+        "%s %.1f MP %s: %.1f s (CPU %.1f s), alloc peak %.0f MiB, RSS +%s MiB",
+        row["model"],
+        row["megapixels"],
+        row["mode"],
+        row["seconds"],
+        row["cpu_seconds"],
+        row["alloc_peak_mib"],
+        f"{row['rss_extra_mib']:.0f}" if row["rss_extra_mib"] is not None else "?",
+    )
+
+
+def _sizes(args: argparse.Namespace, model_name: str) -> list[float]:
+    if model_name == "llava_1_5_clip" and not args.llava_every_size:
+        return args.megapixels[:1]  # LLaVA's cost does not depend on the image size: measure it once
+    return list(args.megapixels)
+
+
 def run_tower(args: argparse.Namespace) -> dict:
-    """Every (model, megapixels, mode) in its own child process; returns the result document."""
+    """Every (model, megapixels, mode): in its own child process (default: clean RSS and allocator state), or
+    all in this process (`--in-process`: one model build per model, a warm-up run first; what the GPU check
+    uses, where the allocator peak is reset per run anyway)."""
     rows = []
     started = time.perf_counter()
     for model_name in args.models:
-        for megapixels in args.megapixels:
-            if (
-                model_name == "llava_1_5_clip"
-                and megapixels != args.megapixels[0]
-                and not args.llava_every_size
-            ):
-                continue  # LLaVA's cost does not depend on the image size: measure it once
+        if args.in_process:
+            import torch
+
+            torch.set_num_threads(args.threads)
+            adapter = build(model_name, args.device, args.qwen_depth, args.smoke)
+            measure(adapter, model_name, min(args.megapixels), "stage1")  # warm-up (kernels, allocator)
+            for megapixels in _sizes(args, model_name):
+                for mode in MODES:
+                    rows.append(measure(adapter, model_name, megapixels, mode))
+                    _log_row(rows[-1])
+            del adapter
+            continue
+        for megapixels in _sizes(args, model_name):
             for mode in MODES:
-                spec = json.dumps([model_name, megapixels, mode, args.device, args.qwen_depth])
+                spec = json.dumps([model_name, megapixels, mode, args.device, args.qwen_depth, args.smoke])
                 child = subprocess.run(
                     [sys.executable, str(Path(__file__).resolve()), "--child", spec],
                     env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)},
@@ -383,19 +436,9 @@ def run_tower(args: argparse.Namespace) -> dict:
                 )
                 if child.returncode != 0:
                     raise RuntimeError(f"{spec} failed:\n{child.stderr[-4000:]}")
-                row = json.loads(child.stdout.strip().splitlines()[-1])
-                rows.append(row)
-                logger.info(
-                    "%s %.1f MP %s: %.1f s (CPU %.1f s), alloc peak %.0f MiB, RSS +%s MiB",
-                    model_name,
-                    megapixels,
-                    mode,
-                    row["seconds"],
-                    row["cpu_seconds"],
-                    row["alloc_peak_mib"],
-                    f"{row['rss_extra_mib']:.0f}" if row["rss_extra_mib"] is not None else "?",
-                )
-    return {"part": "tower", "rows": rows, "wall_s": time.perf_counter() - started}
+                rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+                _log_row(rows[-1])
+    return {"part": "tower", "rows": rows, "wall_s": time.perf_counter() - started, "smoke": args.smoke}
 
 
 # ---------------------------------------------------------------------------------------------------- service
@@ -653,6 +696,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--llava-every-size", action="store_true", help="measure LLaVA at every size too")
     parser.add_argument("--child-timeout-s", type=float, default=3600)
+    parser.add_argument("--in-process", action="store_true", help="no child processes (GPU runs)")
+    parser.add_argument("--smoke", action="store_true", help="shrunken vision widths (dry runs only)")
     parser.add_argument(
         "--checkpoint-dir", default=str(Path(tempfile.gettempdir()) / "nuwa-qwen2.5-vl-7b-2blocks")
     )
