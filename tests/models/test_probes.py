@@ -240,3 +240,24 @@ def test_attach_and_detach_restore_the_shared_config():
     assert attn.config is shared
     attach_probe(attn, None)  # detaching twice is harmless
     assert attn.config is shared
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_a_probed_layer_outputs_exactly_what_the_configured_implementation_does(implementation):
+    from models.attention import ClsRowProbe
+
+    model, processor = tiny_llava(seed=0)
+    _configure(model, implementation, implementation)
+    adapter = LlavaAdapter(model, processor)
+    pixel_values = adapter.prepare(IMAGES[:1], PROMPTS[:1]).inputs["pixel_values"]
+    tower = model.model.vision_tower
+    with torch.inference_mode():
+        plain = tower(pixel_values).last_hidden_state
+        probe = ClsRowProbe()
+        attach_probe(adapter.vision_layers[1].self_attn, probe)
+        try:
+            probed = tower(pixel_values).last_hidden_state
+        finally:
+            attach_probe(adapter.vision_layers[1].self_attn, None)
+    assert torch.equal(probed, plain)
+    assert probe.salience is not None and probe.salience.shape == (1, 64)
