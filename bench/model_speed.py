@@ -245,6 +245,22 @@ def load_model(name: str, device: torch.device, smoke: bool) -> ModelRunner:
     return build_shape(name, device, smoke=smoke)
 
 
+def model_memory(runner: ModelRunner) -> dict[str, Any]:
+    """Parameter count, dtype and (CUDA) the memory the loaded weights hold, next to each row's peak."""
+    model = runner.adapter.model
+    first = next(model.parameters())
+    weights_mib = None
+    if first.device.type == "cuda":
+        torch.cuda.synchronize(first.device)
+        weights_mib = torch.cuda.memory_allocated(first.device) / 2**20
+    return {
+        "model": runner.name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(first.dtype).replace("torch.", ""),
+        "weights_mib": weights_mib,
+    }
+
+
 def grid(
     methods: Sequence[str], budgets: Sequence[float], batch_sizes: Sequence[int]
 ) -> list[tuple[str, float | None, int]]:
@@ -287,9 +303,11 @@ def main(argv: list[str] | None = None) -> None:
     peak = peak_matmul_flops(device)
     logger.info("peak %s GEMM: %.1f GFLOP/s", peak["dtype"], peak["flops_per_s"] / 1e9)
     rows: list[Row] = []
+    loaded: list[dict[str, Any]] = []
     started = time.perf_counter()
     for name in models:
         runner = load_model(name, device, args.smoke)
+        loaded.append(model_memory(runner))
         for method, budget, batch_size in grid(args.methods, args.budgets, args.batch_sizes):
             row = measure(
                 runner, method, budget, batch_size, args.new_tokens, args.repeats, peak["flops_per_s"]
@@ -324,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         "wall_s": time.perf_counter() - started,
         "paper": PAPER,
         "paper_flops_check": paper_flops_check(),
+        "models": loaded,
         "rows": [asdict(row) for row in rows],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,15 @@ Family specifics, read top to bottom:
 - Similarity: L2-normalised mean of the middle-to-late CLIP layers (CLIP-L: hidden states 16..24).
 - Aggregation happens on the selected CLIP features BEFORE the projector; kept tokens are then projected.
 - Positions are 1-D: the unpruned sequence's `cumsum(attention_mask) - 1`, gathered for the kept tokens.
+- Older llava-hf conversions ship a `processor_config.json` without `num_additional_image_tokens` (or
+  `patch_size`, `vision_feature_select_strategy`); the stock processor then expands `<image>` to 575 placeholders
+  for 576 visual tokens and every request fails. What the processor must know is read from the model itself
+  (`align_processor_with_model`: a CLIP tower with a CLS token adds one).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +31,42 @@ from models.geometry import PaddedSquareGeometry
 
 LLAVA_FALLBACK_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
+logger = logging.getLogger(__name__)
+
+
+def vision_additional_tokens(model: torch.nn.Module) -> int:
+    """Tokens the vision tower adds in front of its patches: 1 for CLIP's CLS token, 0 for SigLIP-style towers."""
+    tower = model.model.vision_tower
+    embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+    positions, patches = getattr(embeddings, "num_positions", None), getattr(embeddings, "num_patches", None)
+    if isinstance(positions, int) and isinstance(patches, int):
+        return positions - patches
+    return 1 if getattr(embeddings, "class_embedding", None) is not None else 0
+
+
+def align_processor_with_model(model: torch.nn.Module, processor: Any) -> dict[str, object]:
+    """Set the processor fields that decide the `<image>` expansion from the model; returns what was changed.
+
+    The model is the ground truth: the processor must expand `<image>` to exactly the tokens the vision tower
+    yields after the feature-select strategy, otherwise every request fails in the sequence rebuild.
+    """
+    expected = {
+        "patch_size": int(model.config.vision_config.patch_size),
+        "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
+        "num_additional_image_tokens": vision_additional_tokens(model),
+    }
+    changed = {}
+    for name, value in expected.items():
+        if hasattr(processor, name) and getattr(processor, name) != value:
+            changed[name] = (getattr(processor, name), value)
+            setattr(processor, name, value)
+    if changed:
+        logger.warning(
+            "processor settings corrected from the model (processor_config.json lacks or contradicts them): %s",
+            ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items()),
+        )
+    return changed
+
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> tuple[Image.Image, tuple[int, int]]:
     """Pad an RGB image to a centred square; returns the square and the (x, y) offset of the original in it."""
@@ -37,6 +78,57 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> tuple[Im
     offset = ((side - width) // 2, (side - height) // 2)
     canvas.paste(image, offset)
     return canvas, offset
+
+
+def clip_layer_range(fractions: tuple[float, float], num_layers: int) -> tuple[int, int]:
+    """(first, last) encoder layer index, inclusive, of a similarity range given as fractions of the depth.
+
+    The fractions name hidden states 1..num_layers (hidden state i = output of encoder layer i - 1); CLIP-L with
+    the default (0.65, 1.0) gives hidden states 16..24.
+    """
+    first = max(1, round(fractions[0] * num_layers))
+    last = max(first, round(fractions[1] * num_layers))
+    return first - 1, min(last, num_layers) - 1
+
+
+class ClipLayerOutputs:
+    """Forward hooks on CLIP encoder layers: the feature layer's output, and a running float32 sum per range.
+
+    Replaces `output_hidden_states=True` + stacking: only the layers that are needed are read, and the similarity
+    mean is accumulated as the layers run (one `(B, 1 + N, D)` float32 tensor per distinct range).
+    """
+
+    def __init__(
+        self, layers: torch.nn.ModuleList, feature_layer: int, ranges: Sequence[tuple[int, int]]
+    ) -> None:
+        self.feature_layer = feature_layer
+        self.ranges = list(ranges)
+        self.features: torch.Tensor | None = None
+        self.sums: dict[tuple[int, int], torch.Tensor] = {}
+        wanted = sorted({feature_layer} | {i for first, last in self.ranges for i in range(first, last + 1)})
+        self.handles = [layers[i].register_forward_hook(self._hook(i)) for i in wanted]
+
+    def _hook(self, index: int) -> Any:
+        def record(module: torch.nn.Module, args: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output  # (B, 1 + N, D)
+            if index == self.feature_layer:
+                self.features = hidden
+            for blocks in self.ranges:
+                if blocks[0] <= index <= blocks[1]:
+                    if blocks in self.sums:
+                        self.sums[blocks].add_(hidden)
+                    else:
+                        self.sums[blocks] = hidden.float().clone()
+
+        return record
+
+    def means(self) -> dict[tuple[int, int], torch.Tensor]:
+        return {blocks: total / (blocks[1] - blocks[0] + 1) for blocks, total in self.sums.items()}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
 
 
 class LlavaAdapter(VisionLanguageAdapter):
@@ -54,6 +146,7 @@ class LlavaAdapter(VisionLanguageAdapter):
                 f"strategy={strategy!r}"
             )
         self.vision_feature_layer = layer
+        align_processor_with_model(model, processor)
         self.tokenizer.padding_side = "left"
 
     # ---- family hooks ----------------------------------------------------------------------------------------
@@ -134,36 +227,38 @@ class LlavaAdapter(VisionLanguageAdapter):
 
     def encode_images(self, batch: PreparedBatch, configs: Sequence[PruningConfig]) -> list[EncodedImage]:
         vision_tower = self.model.model.vision_tower
-        num_layers = len(self.vision_layers)
+        layers = self.vision_layers
+        num_layers = len(layers)
         layer = self.vision_feature_layer
-        probe_layer = num_layers + layer if layer < 0 else layer - 1
+        feature_layer = num_layers + layer if layer < 0 else layer - 1  # encoder layer whose output is used
+        ranges = {
+            config.similarity_layers: clip_layer_range(config.similarity_layers, num_layers)
+            for config in configs
+        }
+        recorder = ClipLayerOutputs(layers, feature_layer, sorted(set(ranges.values())))
         probe = ClsRowProbe()
-        attach_probe(self.vision_layers[probe_layer].self_attn, probe)
+        attach_probe(layers[feature_layer].self_attn, probe)
         try:
             pixel_values = batch.inputs["pixel_values"].to(self.model.dtype)
-            outputs = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+            vision_tower(pixel_values, return_dict=True)
         finally:
-            attach_probe(self.vision_layers[probe_layer].self_attn, None)
-        hidden_states = outputs.hidden_states
-        features = hidden_states[layer][:, 1:]
-        encoded = []
-        for b, config in enumerate(configs):
-            start, end = config.similarity_layers
-            first = max(1, round(start * num_layers))
-            last = max(first, round(end * num_layers))
-            similarity = (
-                torch.stack([hidden_states[i][b, 1:] for i in range(first, last + 1)]).float().mean(0)
+            attach_probe(layers[feature_layer].self_attn, None)
+            recorder.remove()
+        features = recorder.features[:, 1:]
+        similarity = {
+            blocks: torch.nn.functional.normalize(mean[:, 1:], dim=-1)
+            for blocks, mean in recorder.means().items()
+        }
+        return [
+            EncodedImage(
+                features=features[b],
+                salience=probe.salience[b],
+                similarity=similarity[ranges[config.similarity_layers]][b],
+                key_norm=probe.key_norm[b],
+                grid=self.grid,
             )
-            encoded.append(
-                EncodedImage(
-                    features=features[b],
-                    salience=probe.salience[b],
-                    similarity=torch.nn.functional.normalize(similarity, dim=-1),
-                    key_norm=probe.key_norm[b],
-                    grid=self.grid,
-                )
-            )
-        return encoded
+            for b, config in enumerate(configs)
+        ]
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)
@@ -173,4 +268,11 @@ class LlavaAdapter(VisionLanguageAdapter):
         return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
-__all__ = ["LlavaAdapter", "expand_to_square"]
+__all__ = [
+    "ClipLayerOutputs",
+    "LlavaAdapter",
+    "align_processor_with_model",
+    "clip_layer_range",
+    "expand_to_square",
+    "vision_additional_tokens",
+]

@@ -18,6 +18,9 @@ import math
 import torch
 from torch import Tensor
 
+AGGREGATE_BUFFER_ELEMENTS = 1 << 24
+"""Aggregation mends at most this many (row x token) float32 weights at a time (64 MiB per temporary)."""
+
 
 def attention_row(query: Tensor, key: Tensor, scaling: float, key_mask: Tensor | None = None) -> Tensor:
     """Attention probabilities of a few query rows, e.g. the last prompt token over the sequence.
@@ -48,8 +51,10 @@ def attention_row(query: Tensor, key: Tensor, scaling: float, key_mask: Tensor |
 def attention_column_sum(query: Tensor, key: Tensor, scaling: float, chunk: int = 1024) -> Tensor:
     """Attention each key receives from all queries (full, non-causal), mean over heads.
 
-    This is the salience of encoders without a CLS token (Qwen2.5-VL's last vision block). Queries are processed
-    `chunk` at a time and heads one by one, so memory stays `O(chunk * num_keys)` even for ~16k patches.
+    This is the salience of encoders without a CLS token (Qwen2.5-VL's last full-attention vision block). Heads
+    are processed one by one and queries `chunk` at a time, with the softmax done in place on the one logits
+    buffer, so the extra memory is ONE `(chunk, num_keys)` float32 buffer plus one head's float32 key, whatever
+    the number of heads (grouped key heads are read in place, never repeated).
 
     Args:
         query: float tensor of shape `(num_heads, num_queries, head_dim)`.
@@ -63,13 +68,20 @@ def attention_column_sum(query: Tensor, key: Tensor, scaling: float, chunk: int 
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     num_heads, num_queries, _ = query.shape
-    key = _repeat_kv(key, num_heads)
+    num_kv_heads = key.shape[0]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of key heads ({num_kv_heads})")
+    group = num_heads // num_kv_heads
     totals = torch.zeros(key.shape[1], dtype=torch.float32, device=query.device)
     for head in range(num_heads):
-        head_key_t = key[head].float().transpose(0, 1)
+        head_key_t = key[head // group].float().transpose(0, 1)  # (d, Lk)
         for start in range(0, num_queries, chunk):
-            logits = torch.matmul(query[head, start : start + chunk].float(), head_key_t) * scaling
-            totals += torch.softmax(logits, dim=-1).sum(dim=0)
+            probs = torch.matmul(query[head, start : start + chunk].float() * scaling, head_key_t)
+            probs -= probs.amax(dim=-1, keepdim=True)
+            probs.exp_()
+            row_scale = probs.sum(dim=-1).reciprocal_()  # (chunk,): 1 / softmax denominator per query
+            totals.addmv_(probs.transpose(0, 1), row_scale)  # sum over queries of exp / denominator
+            del probs  # free this chunk's buffer before the next matmul allocates its own
     return totals / num_heads
 
 
@@ -214,30 +226,46 @@ def aggregate(
         return features[kept]
 
     unit = torch.nn.functional.normalize(similarity.float(), dim=-1)
-    weights = torch.relu(unit[kept] @ unit.T)  # (K, N)
     positions = torch.arange(num_tokens, device=features.device)
     rows, cols = (positions // grid_w).float(), (positions % grid_w).float()
-    dist = torch.sqrt((rows[kept, None] - rows[None]) ** 2 + (cols[kept, None] - cols[None]) ** 2)
-    if radius > 0:
-        proximity = torch.clamp(1.0 - dist / radius, min=0.0)
-    else:
-        proximity = (dist == 0).float()
-    weights = weights * proximity
+    dense = features.float()
+    out = features[kept].clone()
+    mend = torch.nonzero(~is_pillar).squeeze(1)  # positions in `kept` of the rows to mend
+    # Rows are independent: mend them `step` at a time so the (rows x N) weights stay bounded (a 12.8 MP Qwen
+    # image has N = 16384 tokens and K ~ 7000 kept: all rows at once would be ~0.5 GB per temporary).
+    step = max(1, AGGREGATE_BUFFER_ELEMENTS // num_tokens)
+    for start in range(0, mend.numel(), step):
+        targets = kept[mend[start : start + step]]
+        weights = _aggregation_weights(unit, rows, cols, targets, radius, convex_rows)
+        out[mend[start : start + step]] = (weights @ dense).to(features.dtype)
+        del weights  # free this chunk's rows before the next chunk allocates its own
+    return out
 
+
+def _aggregation_weights(
+    unit: Tensor, rows: Tensor, cols: Tensor, targets: Tensor, radius: float, convex_rows: bool
+) -> Tensor:
+    """`(len(targets), N)` float32 aggregation rows of `aggregate` for the kept tokens `targets`."""
+    weights = torch.matmul(unit[targets], unit.T).relu_()
+    dist = (rows[targets, None] - rows[None]).square_()  # in place: at most three (rows x N) buffers live
+    col_gap = (cols[targets, None] - cols[None]).square_()
+    dist.add_(col_gap).sqrt_()
+    del col_gap
+    if radius > 0:
+        weights *= dist.div_(-radius).add_(1.0).clamp_(min=0.0)  # proximity 1 - min(1, dist / r)
+    else:
+        weights *= dist == 0
+    del dist
     row_sum = weights.sum(dim=1, keepdim=True)
     self_only = row_sum.squeeze(1) <= 0  # degenerate similarity (zero vector): keep the token itself
-    weights = weights / row_sum.clamp_min(torch.finfo(torch.float32).tiny)
-    own = torch.arange(num_kept, device=features.device)
+    weights /= row_sum.clamp_min(torch.finfo(torch.float32).tiny)
+    own = torch.arange(targets.numel(), device=weights.device)
     weights[self_only] = 0.0
     if not convex_rows:
-        weights[own, kept] = 1.0
+        weights[own, targets] = 1.0
     else:
-        weights[own[self_only], kept[self_only]] = 1.0
-
-    mended = weights[~is_pillar] @ features.float()
-    out = features[kept].clone()
-    out[~is_pillar] = mended.to(features.dtype)
-    return out
+        weights[own[self_only], targets[self_only]] = 1.0
+    return weights
 
 
 def select_topk(scores: Tensor, k: int) -> Tensor:

@@ -8,10 +8,12 @@ read top to bottom:
   and without window attention: every vision block attends over the whole image, image by image.
 - Salience: attention RECEIVED in the last vision block, mean over heads, summed over queries, averaged over the
   2x2 patches merged into one token, plus the mean key norm (the paper's option); computed by
-  `ReceivedAttentionProbe` from that block's Q and K while the block itself stays SDPA. The same source as
-  Qwen2.5-VL's, which is also the last block there; no window permutation to undo.
+  `models.attention.ColumnSumProbe` (head by head, bounded query chunks) from that block's Q and K while the
+  block itself keeps the configured attention. The same source as Qwen2.5-VL's last full-attention block; no
+  window permutation to undo.
 - Similarity: L2-normalised mean of the vision blocks in `PruningConfig.similarity_layers` (default: the last
-  third), averaged over each merge group. Only those blocks' outputs are kept (forward hooks), not every block's.
+  third), averaged over each merge group: a running sum kept by forward hooks on those blocks
+  (`MergedBlockMean`, shared with Qwen2.5-VL), so no block output outlives its block.
 - DeepStack: blocks `deepstack_visual_indexes` (8, 16, 24 of 27 in the released models) each have their own
   merger into the LLM width, and their features are ADDED to the hidden states at the visual positions after LLM
   layers 0, 1, 2. Stage 1 must treat them exactly like the main features, so `EncodedImage.features` holds, per
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,11 +45,10 @@ from transformers import AutoProcessor, Qwen3VLConfig, Qwen3VLMoeConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
-from models import pruning
-from models.attention import attach_probe
+from models.attention import ColumnSumProbe, attach_probe
 from models.budget import PruningConfig
 from models.engine import EncodedImage, LLMInputs, PreparedBatch
-from models.qwen2_5_vl import Qwen2_5_VLAdapter
+from models.qwen2_5_vl import MergedBlockMean, Qwen2_5_VLAdapter, block_range
 from models.stage2 import LayerDropController
 
 
@@ -68,32 +68,6 @@ class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
 
 AutoProcessor.register(Qwen3VLConfig, Qwen3VLImageOnlyProcessor, exist_ok=True)
 AutoProcessor.register(Qwen3VLMoeConfig, Qwen3VLImageOnlyProcessor, exist_ok=True)
-
-
-@dataclass
-class ReceivedAttentionProbe:
-    """Attention received by every patch of one full-attention vision block, one entry per image.
-
-    The block attends image by image under SDPA (one call per image, in batch order), so concatenating `columns`
-    gives one value per patch in the tower's patch order (merge groups of 2x2 patches contiguous).
-    """
-
-    columns: list[torch.Tensor] = field(default_factory=list)  # per image, (patches,) float32
-    key_norms: list[torch.Tensor] = field(default_factory=list)  # per image, (patches,) float32
-
-    def observe(
-        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, scaling: float
-    ) -> None:
-        # query/key: (1, H, patches, d) for one image
-        self.columns.append(pruning.attention_column_sum(query[0], key[0], scaling))
-        self.key_norms.append(key[0].float().norm(dim=-1).mean(dim=0))
-
-
-def similarity_blocks(layers: tuple[float, float], depth: int) -> range:
-    """Vision blocks whose mean is the similarity feature: fractions of the depth, as for Qwen2.5-VL."""
-    first = max(0, round(layers[0] * depth) - 1)
-    last = max(first, round(layers[1] * depth) - 1)
-    return range(first, last + 1)
 
 
 class DeepStackInjector:
@@ -164,28 +138,28 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         self.llm_width = int(model.config.text_config.hidden_size)
         self.deepstack = DeepStackInjector(self.decoder_layers, self.controller, self.deepstack_levels)
 
+    @staticmethod
+    def salience_block_index(vision_config: Any) -> int:
+        """Every Qwen3-VL vision block attends over the whole image: the last one is the salience block."""
+        return int(vision_config.depth) - 1
+
     def encode_images(self, batch: PreparedBatch, configs: Sequence[PruningConfig]) -> list[EncodedImage]:
         visual = self.model.model.visual
         grid_thw = batch.inputs["image_grid_thw"]
         unit = self.merge_size**2
         depth = len(visual.blocks)
-        wanted = {
-            config.similarity_layers: similarity_blocks(config.similarity_layers, depth) for config in configs
+        ranges = {
+            config.similarity_layers: block_range(config.similarity_layers, depth) for config in configs
         }
-        block_outputs: dict[int, torch.Tensor] = {}
-        handles = [
-            visual.blocks[index].register_forward_hook(_keep_output(block_outputs, index))
-            for index in sorted({index for blocks in wanted.values() for index in blocks})
-        ]
-        probe = ReceivedAttentionProbe()
-        attach_probe(visual.blocks[-1].attn, probe)
+        similarity_sums = MergedBlockMean(visual.blocks, sorted(set(ranges.values())), unit)
+        probe = ColumnSumProbe()  # head by head, bounded chunks of queries
+        attach_probe(visual.blocks[self.salience_block].attn, probe)
         try:
             pixel_values = batch.inputs["pixel_values"].to(visual.dtype)
             outputs = visual(pixel_values, grid_thw=grid_thw, return_dict=True)
         finally:
-            attach_probe(visual.blocks[-1].attn, None)
-            for handle in handles:
-                handle.remove()
+            attach_probe(visual.blocks[self.salience_block].attn, None)
+            similarity_sums.remove()
         token_counts = (grid_thw.prod(-1) // unit).tolist()
         grids = [(int(h) // self.merge_size, int(w) // self.merge_size) for _, h, w in grid_thw.tolist()]
         # Main features and every DeepStack level side by side: one row per merged token (see module docstring).
@@ -193,16 +167,15 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         features = stacked.split(token_counts)
         saliences = torch.cat(probe.columns).view(-1, unit).mean(dim=1).split(token_counts)
         key_norms = torch.cat(probe.key_norms).view(-1, unit).mean(dim=1).split(token_counts)
-        similarity: dict[tuple[float, float], list[torch.Tensor]] = {}
-        for layers, blocks in wanted.items():
-            mean = torch.stack([block_outputs[index] for index in blocks]).float().mean(0)
-            merged = mean.view(-1, unit, mean.shape[-1]).mean(dim=1)
-            similarity[layers] = list(torch.nn.functional.normalize(merged, dim=-1).split(token_counts))
+        similarity = {
+            blocks: list(torch.nn.functional.normalize(mean, dim=-1).split(token_counts))
+            for blocks, mean in similarity_sums.means().items()
+        }
         return [
             EncodedImage(
                 features=features[b],
                 salience=saliences[b],
-                similarity=similarity[config.similarity_layers][b],
+                similarity=similarity[ranges[config.similarity_layers]][b],
                 key_norm=key_norms[b],
                 grid=grids[b],
             )
@@ -238,17 +211,8 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
             return super().run_llm(llm, trailing=trailing, cache=cache, logits_to_keep=logits_to_keep)
 
 
-def _keep_output(store: dict[int, torch.Tensor], index: int):
-    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-        store[index] = output
-
-    return hook
-
-
 __all__ = [
     "DeepStackInjector",
     "Qwen3VLAdapter",
     "Qwen3VLImageOnlyProcessor",
-    "ReceivedAttentionProbe",
-    "similarity_blocks",
 ]

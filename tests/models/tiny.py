@@ -143,7 +143,13 @@ def _qwen_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_qwen(seed: int = 0, max_pixels: int = 224 * 224, text_layers: int = 4):
+def tiny_qwen(
+    seed: int = 0,
+    max_pixels: int = 224 * 224,
+    text_layers: int = 4,
+    vision_depth: int = 2,
+    fullatt_block_indexes: tuple[int, ...] = (1,),
+):
     """Qwen2.5-VL with dynamic resolution (patch 14, merge 2, 2x2-token windows), random weights."""
     tokenizer = _qwen_tokenizer()
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in QWEN_SPECIALS}
@@ -163,7 +169,7 @@ def tiny_qwen(seed: int = 0, max_pixels: int = 224 * 224, text_layers: int = 4):
             "initializer_range": 0.1,
         },
         vision_config={
-            "depth": 2,
+            "depth": vision_depth,
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_heads": 2,
@@ -172,7 +178,7 @@ def tiny_qwen(seed: int = 0, max_pixels: int = 224 * 224, text_layers: int = 4):
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
             "window_size": 56,
-            "fullatt_block_indexes": [1],
+            "fullatt_block_indexes": list(fullatt_block_indexes),
             "initializer_range": 0.1,
         },
         image_token_id=ids["<|image_pad|>"],
