@@ -15,6 +15,7 @@ import torch
 
 from models.builtin import BUILTIN_ALIASES, BUILTIN_MODEL_DIR
 from models.engine import VisionLanguageAdapter
+from models.plans import PlanTable
 from models.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def load_runner(model_dir: str | os.PathLike[str] = "builtin", device: str = "au
         device: `auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ...
 
     Returns:
-        A `ModelRunner` whose `run(tasks)` executes batched, per-request pruned generation.
+        A `ModelRunner` whose `run(tasks)` executes batched, per-request pruned generation, with the calibrated
+        plans of the directory's `pruning_plans.json` when it has one (`models/plans.py`).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoProcessor
@@ -74,8 +76,9 @@ def load_runner(model_dir: str | os.PathLike[str] = "builtin", device: str = "au
         adapter = Qwen2_5_VLAdapter(model.to(target).eval(), processor)
     else:
         raise ValueError(f"unsupported model_type {model_type!r} in {path}; supported: llava, qwen2_5_vl")
-    logger.info("loaded %s (%s) on %s", path.name, model_type, target)
-    return ModelRunner(adapter, name=path.name)
+    plans = PlanTable.for_model(path)
+    logger.info("loaded %s (%s) on %s, %d calibrated plans", path.name, model_type, target, len(plans))
+    return ModelRunner(adapter, name=path.name, plans=plans)
 
 
 __all__ = ["load_runner", "resolve_device", "resolve_model_dir"]

@@ -4,10 +4,15 @@
 which box format the model emits (`models/boxes.py`); each sample's `Frame` (from the adapter, which knows how it
 framed the image) maps the boxes back to original pixels. The worker only calls `run`, `warmup` and the size
 estimators; it never touches tensors.
+
+The runner is also where a request's pruning plan is chosen, because it is the one place that knows both the
+task kind and the model directory: a `method=nuwa` request runs the calibrated plan of the model's
+`pruning_plans.json` for its kind and budget when there is one (`models/plans.py`), and its report says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -16,8 +21,10 @@ import torch
 from PIL import Image
 
 from models.boxes import BoxFormat, Frame, grounding_prompt, parse_boxes
+from models.budget import PruningConfig
 from models.engine import VisionLanguageAdapter
-from models.tasks import BatchTimings, Box, TaskRequest, TaskResult
+from models.plans import CALIBRATED_METHOD, PlanTable
+from models.tasks import BatchTimings, Box, TaskRequest, TaskResult, VisualTokenReport
 
 VQA_SUFFIX = {
     "loc_tokens": "",
@@ -37,10 +44,11 @@ def detect_box_format(adapter: VisionLanguageAdapter) -> BoxFormat:
 class ModelRunner:
     """Runs batches of `TaskRequest`s on one adapter (see module docstring)."""
 
-    def __init__(self, adapter: VisionLanguageAdapter, name: str) -> None:
+    def __init__(self, adapter: VisionLanguageAdapter, name: str, plans: PlanTable | None = None) -> None:
         self.adapter = adapter
         self.name = name
         self.box_format: BoxFormat = detect_box_format(adapter)
+        self.plans = plans if plans is not None else PlanTable()
 
     @property
     def device(self) -> str:
@@ -61,6 +69,12 @@ class ModelRunner:
             return task.text + VQA_SUFFIX[self.box_format]
         return task.text
 
+    def resolve_plan(self, task: TaskRequest) -> tuple[PruningConfig, str | None]:
+        """The config `task` runs with and its calibrated plan's label (None: its own config, as sent)."""
+        if not self.plans or task.config.method != CALIBRATED_METHOD:
+            return task.config, None
+        return self.plans.resolve(task.config, task.kind, self.estimate_visual_tokens(task.image.size))
+
     def warmup(self) -> None:
         """One real batched forward (a synthetic scene-like image), so readiness means the device works."""
         image = Image.new("RGB", (96, 64), (230, 230, 230))
@@ -75,9 +89,10 @@ class ModelRunner:
         start = time.perf_counter()
         images = [task.image for task in tasks]
         batch = self.adapter.prepare(images, [self.prompt_for(task) for task in tasks])
+        resolved = [self.resolve_plan(task) for task in tasks]
         preprocess = time.perf_counter() - start
         output = self.adapter.generate(
-            batch, [task.config for task in tasks], max_new_tokens=[task.max_new_tokens for task in tasks]
+            batch, [config for config, _ in resolved], max_new_tokens=[task.max_new_tokens for task in tasks]
         )
         tokenizer = getattr(self.adapter.processor, "tokenizer", self.adapter.processor)
         results = []
@@ -97,7 +112,7 @@ class ModelRunner:
                     text=text,
                     raw_output=raw,
                     boxes=boxes,
-                    report=output.reports[b],
+                    report=_labelled(output.reports[b], resolved[b][1]),
                     frame=frame,
                     prompt_tokens=output.prompt_tokens[b],
                     completion_tokens=len(ids),
@@ -122,6 +137,11 @@ class ModelRunner:
             norm = (xyxy[0] / width, xyxy[1] / height, xyxy[2] / width, xyxy[3] / height)
             boxes.append(Box(label=parsed.label or label, xyxy=xyxy, xyxy_norm=norm))
         return boxes
+
+
+def _labelled(report: VisualTokenReport, label: str | None) -> VisualTokenReport:
+    """`report` with the calibrated plan's label, when one ran."""
+    return report if label is None else dataclasses.replace(report, plan=label)
 
 
 def _strip_end_tokens(text: str, tokenizer: Any) -> str:

@@ -249,6 +249,7 @@ def visual_tokens(completed: Completed) -> dict[str, object]:
         "average": round(float(report.average), 3),
         "budget": report.budget,
         "method": report.method,
+        "plan": report.plan,
     }
 
 

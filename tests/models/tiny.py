@@ -7,6 +7,7 @@ dynamic-resolution path as a real checkpoint; only the sizes are small.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -184,3 +185,11 @@ def tiny_qwen(seed: int = 0, max_pixels: int = 224 * 224, text_layers: int = 4):
     )
     processor = Qwen2_5_VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model, processor
+
+
+def save_tiny_llava(directory: Path) -> Path:
+    """A tiny LLaVA saved as a checkpoint directory (config, weights, processor) that `load_runner` reads."""
+    model, processor = tiny_llava()
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

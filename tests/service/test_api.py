@@ -13,7 +13,7 @@ from tests.service.helpers import answer, assert_error, ground, red_circle_png
 from tests.service.images import encode, png_header_only
 
 TIMING_KEYS = {"queue", "image_decode", "preprocess", "vision", "prune", "prefill", "decode", "total"}
-TOKEN_KEYS = {"original", "stage1", "stage2", "average", "budget", "method"}
+TOKEN_KEYS = {"original", "stage1", "stage2", "average", "budget", "method", "plan"}
 
 
 def _check_common(body: dict, image_size: list[int]) -> None:
