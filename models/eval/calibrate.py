@@ -23,9 +23,10 @@ the paper's split, one option group at a time (split, selection, aggregation, sa
 screened by successive halving (every value on the first eighth of the items, the best third on three eighths,
 the best few on all of them); a second pass refines K1 around the winner. Results are memoised per candidate and
 item, and a candidate is only ever extended to more items, never rerun. A group's winner replaces the incumbent
-only if it answers more calibration items right (or as many at lower FLOPs). The search of a (task, budget) stops when a
-pass changes nothing, when the incumbent matches the unpruned model, or at its share of `--time-limit` (pairs run
-from the smallest budget up, and a pair's share of the time left is weighted by 1 - its keep ratio).
+only if it answers more calibration items right (or as many at lower FLOPs). The search of a (task, budget)
+stops when a pass changes nothing ("converged"), after `max_passes` passes ("max passes"), when the incumbent
+matches the unpruned model ("matches unpruned"), or at its share of `--time-limit` ("time limit"; pairs run from
+the smallest budget up, and a pair's share of the time left is weighted by 1 - its keep ratio).
 """
 
 from __future__ import annotations
@@ -357,6 +358,8 @@ class PlanSearch:
                         incumbent, changed = winner, True
                 if not changed:
                     break
+            else:
+                self.stopped = "max passes"  # the last pass still changed the plan
         except OutOfTime:
             self.stopped = "time limit"
         return incumbent
