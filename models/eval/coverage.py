@@ -5,12 +5,14 @@ survive and wrong when they do not, the selection is the limit (a better salienc
 wrong when every token of the target survived, the model itself is (it was trained on all 144 tokens, and a
 pruned sequence is out of its distribution).
 
-Per grounding item of the built-in calibration split (scene objects known), per method:
+Per item of the built-in calibration split (scene objects known), per method:
 - target kept: the share of the target's cells (grid cells whose centre lies in its box) fed to the LLM (stage 1)
-  and kept to the last layer (after the drop);
+  and kept to the last layer (after the drop); for a VQA item the target is every object of the scene (a count
+  or an "is there" question needs them all);
 - objects kept: the same over every object of the scene (extremal and colour phrases need the others too).
 
     python -m models.eval.coverage --budget 0.25 --items 256 --threads 1
+    python -m models.eval.coverage --task answer --budget 0.25 --items 256 --threads 1
 """
 
 from __future__ import annotations
@@ -69,14 +71,14 @@ def measure(
     config: PruningConfig,
     batch_size: int,
 ) -> Coverage:
-    """Run `config` over grounding `items` and record what each kept of its target and of every object."""
+    """Run `config` over `items` and record what each kept of its target and of every object."""
     coverage = Coverage(f"{config.method}@{config.budget:g}" if config.budget is not None else config.method)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         scored, _ = run_chunk(runner, [item for item, _ in chunk], config)
         for (item, scene), (_, result, correct) in zip(chunk, scored, strict=True):
-            target = object_cells(item.box or (0, 0, 0, 0), result)
             every = set().union(*(object_cells(o.box, result) for o in scene.objects))
+            target = object_cells(item.box, result) if item.box is not None else every
             coverage.plans.add(result.report.plan)
             coverage.correct.append(correct)
             coverage.target_stage1.append(_share(target, result.report.kept_stage1))
@@ -87,8 +89,8 @@ def measure(
 
 def table(rows: Sequence[Coverage]) -> str:
     lines = [
-        "| config | plan | Acc@0.5 | target cells kept: stage 1 / last layer | all objects' cells kept (stage 1) "
-        "| items with the whole target kept to the last layer | Acc@0.5 on those | Acc@0.5 on the others |",
+        "| config | plan | accuracy | target cells kept: stage 1 / last layer | all objects' cells kept (stage 1) "
+        "| items with the whole target kept to the last layer | accuracy on those | accuracy on the others |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -110,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--budget", type=float, nargs="+", default=[0.25])
     parser.add_argument("--methods", nargs="+", default=["nuwa", "nuwa_paper", "nuwa_stage1", "fastv"])
-    parser.add_argument("--items", type=int, default=256, help="grounding items of the calibration split")
+    parser.add_argument("--task", choices=("ground", "answer"), default="ground")
+    parser.add_argument("--items", type=int, default=256, help="items of the calibration split")
     parser.add_argument("--seed", type=int, default=CALIBRATION_SEED)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
@@ -125,11 +128,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     runner = load_runner(args.model, device=args.device)
-    grounding, _ = scenes.evaluation_set(num_grounding=args.items, num_vqa=0, seed=args.seed)
+    ground = args.task == "ground"
+    grounding, vqa = scenes.evaluation_set(
+        num_grounding=args.items if ground else 0, num_vqa=0 if ground else args.items, seed=args.seed
+    )
     items = [
         (EvalItem("ground", scenes.render(g.scene), g.phrase, box=tuple(map(float, g.box))), g.scene)
         for g in grounding
-    ]
+    ] + [(EvalItem("vqa", scenes.render(v.scene), v.question, answer=v.answer), v.scene) for v in vqa]
     rows = [measure(runner, items, PruningConfig(method="none"), args.batch_size)]
     for budget in args.budget:
         for method in args.methods:

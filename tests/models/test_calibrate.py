@@ -223,5 +223,12 @@ def test_coverage_counts_the_cells_of_each_object(planned_runner) -> None:
     assert planned.plans == {"calibrated:ground@0.25"}
     assert all(0.0 <= s <= 1.0 for s in planned.target_stage1 + planned.target_final)
     assert all(f <= s for f, s in zip(planned.target_final, planned.target_stage1, strict=True))
+    _, vqa = scenes.evaluation_set(0, 2, seed=CALIBRATION_SEED)
+    questions = [
+        (retention.EvalItem("vqa", scenes.render(v.scene), v.question, answer=v.answer), v.scene) for v in vqa
+    ]
+    asked = coverage.measure(planned_runner, questions, PruningConfig(method="nuwa", budget=0.25), 2)
+    assert asked.plans == {"paper"}  # no VQA plan in this table
+    assert asked.target_stage1 == asked.objects_stage1  # a question's target is every object
     lines = coverage.table([unpruned, planned]).splitlines()
     assert lines[2].startswith("| none | paper | ") and "| 2 of 2 |" in lines[2]
