@@ -16,6 +16,7 @@ import torch
 
 from models.builtin import BUILTIN_ALIASES, BUILTIN_MODEL_DIR
 from models.engine import VisionLanguageAdapter
+from models.plans import PlanTable
 from models.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ def load_runner(model_dir: str | os.PathLike[str] = "builtin", device: str = "au
         device: `auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ...
 
     Returns:
-        A `ModelRunner` whose `run(tasks)` executes batched, per-request pruned generation.
+        A `ModelRunner` whose `run(tasks)` executes batched, per-request pruned generation, with the calibrated
+        plans of the directory's `pruning_plans.json` when it has one (`models/plans.py`).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoProcessor
@@ -96,8 +98,9 @@ def load_runner(model_dir: str | os.PathLike[str] = "builtin", device: str = "au
         raise ValueError(
             f"unsupported model_type {model_type!r} in {path}; supported: {', '.join(MODEL_TYPES)}"
         )
-    logger.info("loaded %s (%s) on %s", path.name, model_type, target)
-    return ModelRunner(adapter, name=path.name)
+    plans = PlanTable.for_model(path)
+    logger.info("loaded %s (%s) on %s, %d calibrated plans", path.name, model_type, target, len(plans))
+    return ModelRunner(adapter, name=path.name, plans=plans)
 
 
 __all__ = ["MODEL_TYPES", "load_runner", "resolve_device", "resolve_model_dir"]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.budget import PruningConfig
+from models.plans import rule_label
 from models.tasks import VisualTokenReport
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ def visual_token_reports(
                 flops_prefill_unpruned=prefill_flops(
                     [text + sample.plan.num_tokens] * len(per_layer), hidden, intermediate
                 ),
+                plan=rule_label(config),
             )
         )
     return reports

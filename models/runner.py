@@ -7,10 +7,15 @@ both at once), `warmup` and the geometry; it never touches tensors.
 
 `prepare` (CPU: resize, normalise, tokenise) and `execute` (the device: vision, pruning, prefill, decode) are apart
 so the worker can prepare the next batch on another thread while this one runs.
+
+The runner is also where a request's pruning plan is chosen, because it is the one place that knows both the
+task kind and the model directory: a `method=nuwa` request runs the calibrated plan of the model's
+`pruning_plans.json` for its kind and budget when there is one (`models/plans.py`), and its report says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -20,10 +25,12 @@ import torch
 from PIL import Image
 
 from models.boxes import BoxFormat, Frame, grounding_prompt, parse_boxes
+from models.budget import PruningConfig
 from models.embedding_cache import EmbeddingCache
 from models.engine import PreparedBatch, VisionLanguageAdapter
 from models.geometry import Geometry
-from models.tasks import BatchTimings, Box, TaskRequest, TaskResult
+from models.plans import CALIBRATED_METHOD, PlanTable
+from models.tasks import BatchTimings, Box, TaskRequest, TaskResult, VisualTokenReport
 
 TextCallback = Callable[[int, str], None]
 """Called with (task index, newly decoded text) while a streaming task decodes."""
@@ -36,6 +43,8 @@ class PreparedTasks:
     tasks: list[TaskRequest]
     batch: PreparedBatch
     preprocess_s: float
+    configs: list[PruningConfig]  # what each task runs with (a calibrated plan resolved, see `resolve_plan`)
+    plan_labels: list[str | None]  # the calibrated plan's label per task, None when its own config ran
 
 
 VQA_SUFFIX = {
@@ -60,10 +69,11 @@ def detect_box_format(adapter: VisionLanguageAdapter) -> BoxFormat:
 class ModelRunner:
     """Runs batches of `TaskRequest`s on one adapter (see module docstring)."""
 
-    def __init__(self, adapter: VisionLanguageAdapter, name: str) -> None:
+    def __init__(self, adapter: VisionLanguageAdapter, name: str, plans: PlanTable | None = None) -> None:
         self.adapter = adapter
         self.name = name
         self.box_format: BoxFormat = detect_box_format(adapter)
+        self.plans = plans if plans is not None else PlanTable()
 
     @property
     def device(self) -> str:
@@ -125,6 +135,19 @@ class ModelRunner:
             overhead[kind] = length - visual - text_tokens
         return overhead
 
+    def resolve_plan(
+        self, task: TaskRequest, image_size: tuple[int, int] | None = None
+    ) -> tuple[PruningConfig, str | None]:
+        """The config `task` runs with and its calibrated plan's label (None: its own config, as sent).
+
+        `image_size` is the ORIGINAL image's (w, h) (the worker may hold a shrunken decode); it sets the visual
+        token count that a token-count budget is compared with.
+        """
+        if not self.plans or task.config.method != CALIBRATED_METHOD:
+            return task.config, None
+        size = image_size or task.image.size  # type: ignore[attr-defined]
+        return self.plans.resolve(task.config, task.kind, self.estimate_visual_tokens(size))
+
     def warmup(self) -> None:
         """One real batched forward (a synthetic scene-like image), so readiness means the device works."""
         image = Image.new("RGB", (96, 64), (230, 230, 230))
@@ -142,7 +165,14 @@ class ModelRunner:
         batch.image_keys = [task.image_key for task in tasks]
         if self.adapter.device.type == "cuda":  # pinned host memory: the copy to the device is asynchronous
             batch.inputs = {key: value.pin_memory() for key, value in batch.inputs.items()}
-        return PreparedTasks(tasks=list(tasks), batch=batch, preprocess_s=time.perf_counter() - start)
+        resolved = [self.resolve_plan(task, size) for task, size in zip(tasks, sizes, strict=True)]
+        return PreparedTasks(
+            tasks=list(tasks),
+            batch=batch,
+            preprocess_s=time.perf_counter() - start,
+            configs=[config for config, _ in resolved],
+            plan_labels=[label for _, label in resolved],
+        )
 
     @torch.inference_mode()
     def execute(
@@ -165,7 +195,7 @@ class ModelRunner:
         streamer = _TextStreamer(tokenizer, [b for b, task in enumerate(tasks) if task.stream], on_text)
         output = self.adapter.generate(
             batch,
-            [task.config for task in tasks],
+            prepared.configs,
             max_new_tokens=[task.max_new_tokens for task in tasks],
             embedding_cache=embedding_cache,
             cancelled=cancelled,
@@ -188,7 +218,7 @@ class ModelRunner:
                     text=text,
                     raw_output=raw,
                     boxes=boxes,
-                    report=output.reports[b],
+                    report=_labelled(output.reports[b], prepared.plan_labels[b]),
                     frame=frame,
                     prompt_tokens=output.prompt_tokens[b],
                     completion_tokens=len(ids),
@@ -254,6 +284,11 @@ class _TextStreamer:
             if text.startswith(sent) and len(text) > len(sent):
                 self._on_text(b, text[len(sent) :])
                 self._sent[b] = text
+
+
+def _labelled(report: VisualTokenReport, label: str | None) -> VisualTokenReport:
+    """`report` with the calibrated plan's label, when one ran."""
+    return report if label is None else dataclasses.replace(report, plan=label)
 
 
 def _strip_end_tokens(text: str, tokenizer: Any) -> str:

@@ -69,6 +69,8 @@ class VisualTokenReport:
         kept_stage1: (row, col) grid cells fed to the LLM, raster order.
         flops_prefill: theoretical prefill FLOPs with pruning (8SH^2 + 4S^2H + 4SHI per layer).
         flops_prefill_unpruned: the same for the unpruned sequence.
+        plan: which split ran: `paper` (the method's published rule), `custom` (plan fields set by hand) or
+            `calibrated:<task>@<budget>` (a calibrated plan from the model directory, `models/plans.py`).
     """
 
     method: str
@@ -83,6 +85,7 @@ class VisualTokenReport:
     kept_stage1: tuple[tuple[int, int], ...]
     flops_prefill: float
     flops_prefill_unpruned: float
+    plan: str = "paper"
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,9 @@ class VisualTokensOut(BaseModel):
         description="Requested budget: int = average tokens, float = keep ratio."
     )
     method: str = Field(description="Pruning method applied.")
+    plan: str = Field(
+        description="Split that ran: paper (the method's own rule), custom, or calibrated:<task>@<budget>."
+    )
 
 
 class TimingMsOut(BaseModel):

@@ -283,6 +283,7 @@ def visual_tokens(completed: Completed, answer: Answered | None = None) -> dict[
         "average": round(float(report.average), 3),
         "budget": report.budget,
         "method": report.method,
+        "plan": report.plan,
     }
 
 

@@ -1,4 +1,6 @@
-"""What the retention study scores: evaluation items from the contract scenes, a curriculum stage, or a JSONL file."""
+"""What the retention study scores: evaluation items from the contract scenes, a curriculum stage, or a JSONL file;
+and what calibration scores: the calibration split, scenes from a seed that the evaluation set never uses.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +25,20 @@ class EvalItem:
     subkind: str | None = None  # e.g. "ground/extremal", "vqa/count": scored apart in the per-kind table
 
 
-def scene_items(limit: int | None = None) -> list[EvalItem]:
+CALIBRATION_SEED = 2718
+"""Seed of the calibration split (`scenes.evaluation_set(seed=CALIBRATION_SEED)`).
+
+The evaluation set is `scenes.evaluation_set(seed=EVAL_SEED)`: its streams are `random.Random(4 * 1729)` and
+`random.Random(4 * 1729 + 2)`; this seed's are `random.Random(4 * 2718)` and `random.Random(4 * 2718 + 2)`, and
+training streams are odd (`2 * seed + 1`), so the three never share a stream. `tests/models/test_calibrate.py`
+checks that no calibration scene is an evaluation scene.
+"""
+
+
+def scene_items(limit: int | None = None, seed: int = scenes.EVAL_SEED) -> list[EvalItem]:
     """The committed evaluation set (regenerated from its seed), grounding items first."""
     count = limit if limit is not None else 1000
-    grounding, vqa = scenes.evaluation_set(num_grounding=count, num_vqa=count)
+    grounding, vqa = scenes.evaluation_set(num_grounding=count, num_vqa=count, seed=seed)
     items = [
         EvalItem(
             "ground",
@@ -44,6 +56,13 @@ def scene_items(limit: int | None = None) -> list[EvalItem]:
         for item in vqa
     ]
     return items
+
+
+def calibration_items(count: int) -> list[EvalItem]:
+    """`count` grounding and `count` VQA items of the calibration split (disjoint from the evaluation set)."""
+    if scenes.EVAL_SEED == CALIBRATION_SEED:  # a guard against someone moving one seed onto the other
+        raise RuntimeError("the calibration seed must differ from the evaluation seed")
+    return scene_items(count, seed=CALIBRATION_SEED)
 
 
 def stage_items(stage: str, limit: int | None = None) -> list[EvalItem]:
@@ -93,4 +112,4 @@ def jsonl_items(path: Path, limit: int | None = None) -> list[EvalItem]:
     return items
 
 
-__all__ = ["EvalItem", "jsonl_items", "scene_items", "stage_items"]
+__all__ = ["CALIBRATION_SEED", "EvalItem", "calibration_items", "jsonl_items", "scene_items", "stage_items"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -12,7 +13,7 @@ from models.builtin import scenes
 from models.eval.items import EvalItem
 from models.methods import get_method
 from models.runner import ModelRunner
-from models.tasks import TaskRequest
+from models.tasks import BatchTimings, TaskRequest, TaskResult
 
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75)
 """Keep ratios the study runs every pruning method at."""
@@ -36,6 +37,7 @@ class Score:
     prefill_s: float = 0.0
     items: int = 0
     by_kind: dict[str, list[int]] = field(default_factory=dict)  # subkind -> [correct, total]
+    plans: Counter[str] = field(default_factory=Counter)  # report.plan label -> items that ran it
 
     def add(self, item: EvalItem, correct: bool) -> None:
         """Count one scored item, overall and under its subkind."""
@@ -57,6 +59,12 @@ class Score:
     @property
     def vqa(self) -> float:
         return self.vqa_correct / self.vqa_total if self.vqa_total else float("nan")
+
+    @property
+    def plan_summary(self) -> str:
+        """Which splits ran, e.g. `paper` or `calibrated:ground, calibrated:answer` (budgets dropped)."""
+        names = dict.fromkeys(label.split("@")[0] for label, _ in self.plans.most_common())
+        return ", ".join(names) or "paper"
 
     @property
     def mean_tokens(self) -> float:
@@ -81,6 +89,32 @@ def configurations(methods: Sequence[str], budgets: Sequence[float]) -> Iterator
             yield f"{method}@{budget:g}", PruningConfig(method=method, budget=budget)
 
 
+def run_chunk(
+    runner: ModelRunner, chunk: Sequence[EvalItem], config: PruningConfig
+) -> tuple[list[tuple[EvalItem, TaskResult, bool]], BatchTimings]:
+    """One batched run of `config` over `chunk`: each item with its result and whether it was right."""
+    tasks = [
+        TaskRequest(
+            image=item.image,
+            kind="ground" if item.kind == "ground" else "answer",
+            text=item.text,
+            config=config,
+            max_new_tokens=8 if item.kind == "ground" else 4,
+        )
+        for item in chunk
+    ]
+    results, timings = runner.run(tasks)
+    scored = []
+    for item, result in zip(chunk, results, strict=True):
+        if item.kind == "ground":
+            predicted = result.boxes[0].xyxy if result.boxes else None
+            correct = scenes.grounding_correct(predicted, item.box)
+        else:
+            correct = scenes.vqa_correct(result.text, item.answer or "")
+        scored.append((item, result, correct))
+    return scored, timings
+
+
 def evaluate(
     runner: ModelRunner,
     items: Sequence[EvalItem],
@@ -95,32 +129,19 @@ def evaluate(
     )
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        tasks = [
-            TaskRequest(
-                image=item.image,
-                kind="ground" if item.kind == "ground" else "answer",
-                text=item.text,
-                config=config,
-                max_new_tokens=8 if item.kind == "ground" else 4,
-            )
-            for item in chunk
-        ]
-        results, timings = runner.run(tasks)
+        scored, timings = run_chunk(runner, chunk, config)
         score.prefill_s += timings.prefill
         score.items += len(chunk)
-        for item, result in zip(chunk, results, strict=True):
+        for item, result, correct in scored:
             score.visual_tokens.append(result.report.average)
             score.original_tokens.append(result.report.original)
             score.flops.append(result.report.flops_prefill)
             score.flops_unpruned.append(result.report.flops_prefill_unpruned)
-            if item.kind == "ground":
-                predicted = result.boxes[0].xyxy if result.boxes else None
-                score.add(item, scenes.grounding_correct(predicted, item.box))
-            else:
-                score.add(item, scenes.vqa_correct(result.text, item.answer or ""))
+            score.plans[result.report.plan] += 1
+            score.add(item, correct)
         if progress is not None:
             progress.update(len(chunk))
     return score
 
 
-__all__ = ["Score", "configurations", "evaluate"]
+__all__ = ["Score", "configurations", "evaluate", "run_chunk"]

@@ -22,6 +22,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "fastv",
     "visionzip",
     "nuwa",
+    "nuwa_paper",
     "nuwa_stage1",
     "nuwa_stage2",
 )

@@ -10,18 +10,15 @@ import torch
 
 from models import eval as retention
 from models.builtin import scenes
-from tests.models.tiny import tiny_llava
+from tests.models.tiny import save_tiny_llava
+from tests.support.eval_items import write_scene_jsonl
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-llava")
-    model, processor = tiny_llava()
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
 
 
 def test_study_on_scenes_writes_table_and_plot(model_dir, tmp_path):
@@ -44,9 +41,9 @@ def test_study_on_scenes_writes_table_and_plot(model_dir, tmp_path):
         ]
     )
     text = out.read_text()
-    assert "| none | 100% | 64.0 |" in text
+    assert "| none | 100% | paper | 64.0 |" in text
     assert "| nuwa | 25% |" in text and "| fastv | 25% |" in text
-    assert "## Verdict" in text
+    assert "### Verdict" in text
     assert (tmp_path / "retention.png").stat().st_size > 10_000
     # the per-kind table: every kind of the 3 + 3 items, unpruned and each method at the budget
     assert "| kind | items | none | nuwa 25% | fastv 25% |" in text
@@ -63,15 +60,7 @@ def test_study_on_scenes_writes_table_and_plot(model_dir, tmp_path):
 
 def test_jsonl_items_and_scoring(tmp_path):
     grounding, vqa = scenes.evaluation_set(num_grounding=2, num_vqa=2)
-    lines = []
-    for i, item in enumerate(grounding):
-        scenes.render(item.scene).save(tmp_path / f"g{i}.png")
-        lines.append({"type": "ground", "image": f"g{i}.png", "phrase": item.phrase, "box": list(item.box)})
-    for i, item in enumerate(vqa):
-        scenes.render(item.scene).save(tmp_path / f"v{i}.png")
-        lines.append({"type": "vqa", "image": f"v{i}.png", "question": item.question, "answer": item.answer})
-    path = tmp_path / "items.jsonl"
-    path.write_text("\n".join(json.dumps(line) for line in lines))
+    path, lines = write_scene_jsonl(tmp_path, grounding, vqa)
     items = retention.jsonl_items(path, limit=1)
     assert [item.kind for item in items] == ["ground", "vqa"]
     assert items[0].box == tuple(map(float, grounding[0].box)) and items[1].answer == vqa[0].answer
@@ -128,3 +117,84 @@ def test_stage_items_are_held_out_one_object_scenes() -> None:
         assert (pixels == scenes.COLORS[words[1]]).all(axis=1).any()  # the named colour is inside the box
     assert all(item.answer in {*scenes.COLORS, *scenes.SHAPES} for item in items[4:])
     assert retention.stage_items("single", 4)[0].box == items[0].box  # seeded: the same items every time
+
+
+def _score(
+    method: str, budget: float | None, grounding: int, vqa: int, flops: float = 1e9
+) -> retention.Score:
+    score = retention.Score(
+        method if budget is None else f"{method}@{budget}", method, budget, grounding, 100, vqa, 100
+    )
+    score.flops = [flops]
+    return score
+
+
+def test_the_targets_table_reads_calibrated_against_the_paper_split() -> None:
+    scores = [
+        _score("none", None, 100, 100),
+        _score("nuwa", 0.25, 71, 86, flops=0.9e9),
+        _score("nuwa_paper", 0.25, 49, 75),
+        _score("nuwa", 0.5, 96, 94),
+        _score("nuwa_paper", 0.5, 84, 89),
+    ]
+    lines = retention.targets_table(scores).splitlines()
+    assert lines[2] == "| 25% | 71.0% | >= 70% | 86.0% | >= 85% | 0.900 / 1.000 | yes |"
+    assert lines[3] == "| 50% | 96.0% | >= 95% | 94.0% | >= 95% | 1.000 / 1.000 | NO |"  # VQA short of 95%
+    scores[1].flops = [1.1e9]  # more FLOPs than the paper's split fails the target whatever the accuracy
+    assert retention.targets_table(scores).splitlines()[2].endswith("| NO |")
+    assert retention.targets_table(scores[:1]) == ""
+
+
+def test_report_with_two_sets_plans_and_kept_notes(tmp_path) -> None:
+    from models.plans import CalibratedPlan, CalibrationShape, PlanTable, default_plan_fields
+
+    scores = [
+        _score("none", None, 100, 100),
+        _score("nuwa", 0.25, 71, 86),
+        _score("nuwa_paper", 0.25, 49, 75),
+    ]
+    out = tmp_path / "RETENTION.md"
+    out.write_text("old\n<!-- notes -->\nWhat the calibration found, by hand.\n<!-- /notes -->\nold tail\n")
+    plan = CalibratedPlan(
+        "ground",
+        0.25,
+        {**default_plan_fields(), "stage1_fraction": 0.5, "stage2_ratio": 0.2, "stage2_layer": 3, "top_n": 2},
+        (72, 72, 72, 14, 14, 14, 14, 14),
+        {
+            "calibrated": 0.61,
+            "paper": 0.39,
+            "unpruned": 0.98,
+            "items": 256,
+            "paper_per_layer": [63] * 4 + [9] * 4,
+        },
+    )
+    table = PlanTable([plan], CalibrationShape(144, 8, (12, 12), "llava"), {"data": "split", "seconds": 60})
+    sets = [
+        retention.EvalSet("evaluation set", 200, scores, tmp_path / "retention.png"),
+        retention.EvalSet("contract", 80, scores, tmp_path / "retention_2.png"),
+    ]
+    retention.write_report(sets, out, "python -m models.eval", "tiny", 1.0, table)
+    text = out.read_text()
+    assert "old tail" not in text and text.count("What the calibration found, by hand.") == 1
+    assert "## evaluation set (200 items)" in text and "## contract (80 items)" in text
+    assert text.count("| 25% | 71.0% | >= 70% | 86.0% | >= 85% |") == 2
+    assert "## Calibrated plans" in text
+    assert (
+        "| `calibrated:ground@0.25` | 72 -> 14 at layer 3 | 63 -> 9 at layer 4 | region 2x2, top-n 2 | "
+        "0.610 / 0.390 / 0.980 (256 items) |" in text
+    )
+    assert "The paper's split (nuwa_paper) keeps 49.0% of grounding" in text
+
+
+def test_study_scores_each_extra_set_on_its_own(model_dir, tmp_path):
+    grounding, vqa = scenes.evaluation_set(num_grounding=1, num_vqa=1, seed=7)
+    extra, lines = write_scene_jsonl(tmp_path / "contract", grounding, vqa)
+    extra.write_text("\n".join(json.dumps({**line, "kind": f"{line['type']}/x"}) for line in lines))
+    out = tmp_path / "RETENTION.md"
+    argv = ["--model", str(model_dir), "--limit", "1", "--methods", "nuwa", "nuwa_paper", "--budgets", "0.25"]
+    retention.main([*argv, "--also-data", str(extra), "--out", str(out), "--device", "cpu"])
+    text = out.read_text()
+    assert "## evaluation set (2 items)" in text and f"## {extra} (2 items)" in text
+    assert text.count("| nuwa_paper | 25% | paper |") == 2
+    assert "| vqa/x | 1 |" in text and "| ground/x | 1 |" in text  # the extra set's own kinds
+    assert (tmp_path / "retention.png").is_file() and (tmp_path / "retention_2.png").is_file()

@@ -7,6 +7,7 @@ dynamic-resolution path as a real checkpoint; only the sizes are small.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -316,3 +317,11 @@ def answer_always(model: torch.nn.Module, processor, answer: str) -> None:
         head[answer_id, 0] = 1.0
         head[end_id, 1] = 1.0
     model.config.text_config.vocab_size = len(tokenizer)
+
+
+def save_tiny_llava(directory: Path) -> Path:
+    """A tiny LLaVA saved as a checkpoint directory (config, weights, processor) that `load_runner` reads."""
+    model, processor = tiny_llava()
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

@@ -26,7 +26,7 @@ TIMING_KEYS = {
     "decode",
     "total",
 }
-TOKEN_KEYS = {"original", "stage1", "stage2", "average", "budget", "method"}
+TOKEN_KEYS = {"original", "stage1", "stage2", "average", "budget", "method", "plan"}
 
 
 def _check_common(body: dict, image_size: list[int]) -> None:

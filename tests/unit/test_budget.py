@@ -258,6 +258,7 @@ def test_methods_are_listed_in_order() -> None:
         "fastv",
         "visionzip",
         "nuwa",
+        "nuwa_paper",
         "nuwa_stage1",
         "nuwa_stage2",
     )
