@@ -101,6 +101,8 @@ class Record:
         stage1_tokens: `visual_tokens.stage1` of a 200.
         batch_size: `batch_size` of a 200.
         failure: Exception name when there was no response.
+        cache: `cache` of a 200 ("hit" / "miss"; None when the server does not say).
+        timing_ms: `timing_ms` of a 200 (the server's per-stage breakdown; None when absent).
     """
 
     sent_s: float
@@ -113,6 +115,8 @@ class Record:
     stage1_tokens: int | None = None
     batch_size: int | None = None
     failure: str | None = None
+    cache: str | None = None
+    timing_ms: dict[str, float] | None = None
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -167,6 +171,7 @@ class LoadResult:
                 if any(r.stage1_tokens is not None for r in self.records)
                 else None
             ),
+            "cache_hits": sum(r.cache == "hit" for r in self.records),
             "mean_batch_size": _round(
                 statistics.fmean([r.batch_size for r in self.records if r.batch_size is not None])
                 if any(r.batch_size is not None for r in self.records)
@@ -219,6 +224,9 @@ async def _send(client: httpx.AsyncClient, payload: Payload, started: float, tim
         record.applied_budget = float(budget) if isinstance(budget, int | float) else None
         record.stage1_tokens = tokens.get("stage1")
         record.batch_size = body.get("batch_size")
+        record.cache = body.get("cache")
+        timing = body.get("timing_ms")
+        record.timing_ms = timing if isinstance(timing, dict) else None
     elif isinstance(body, dict) and isinstance(body.get("error"), dict):
         record.error_code = body["error"].get("code")
     return record

@@ -371,6 +371,11 @@ def main(argv: list[str] | None = None) -> None:
             plots(data, args.out)
         tables_by_name[marker] = tables(data)
         sections.append(f"<!-- {marker} -->\n{tables_by_name[marker]}")
+    from bench.serving_plots import serving_tables  # the serving-core results (their own module)
+
+    for marker, table in serving_tables(args.out).items():
+        tables_by_name[marker] = table
+        sections.append(f"<!-- {marker} -->\n{table}")
     if args.doc.is_file():
         fill_doc(args.doc, tables_by_name)
     print("\n\n".join(sections))
