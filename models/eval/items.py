@@ -35,9 +35,13 @@ checks that no calibration scene is an evaluation scene.
 """
 
 
+ITEMS_PER_KIND = 1000
+"""Grounding and VQA items each of the evaluation set (and of a stage's held-out set) when no limit is given."""
+
+
 def scene_items(limit: int | None = None, seed: int = scenes.EVAL_SEED) -> list[EvalItem]:
     """The committed evaluation set (regenerated from its seed), grounding items first."""
-    count = limit if limit is not None else 1000
+    count = limit if limit is not None else ITEMS_PER_KIND
     grounding, vqa = scenes.evaluation_set(num_grounding=count, num_vqa=count, seed=seed)
     items = [
         EvalItem(
@@ -74,7 +78,7 @@ def stage_items(stage: str, limit: int | None = None) -> list[EvalItem]:
     """
     from models.builtin.data import stage_eval_examples
 
-    count = limit if limit is not None else 1000
+    count = limit if limit is not None else ITEMS_PER_KIND
     items = []
     for example in stage_eval_examples(stage, 2 * count):
         image = scenes.render(example.scene)

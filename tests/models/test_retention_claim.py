@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from models.budget import PruningConfig
-from models.eval.items import scene_items
+from models.eval.items import ITEMS_PER_KIND, scene_items
 from models.eval.scoring import evaluate
 from models.loading import load_runner
 from tests.support.launcher import committed_model_present
@@ -44,9 +44,11 @@ def recorded_retention(doc: str, method: str, budget: str) -> dict[str, float]:
 
 
 def recorded_limit(doc: str) -> int:
-    match = re.search(r"python -m models\.eval[^`]*--limit (\d+)", doc)
-    assert match, "docs/RETENTION.md does not say which --limit produced it"
-    return int(match.group(1))
+    """The study's `--limit`; without one it scored the whole evaluation set (1,000 items of each kind)."""
+    command = re.search(r"Produced by `(python -m models\.eval[^`]*)`", doc)
+    assert command, "docs/RETENTION.md does not say which command produced it"
+    match = re.search(r"--limit (\d+)", command.group(1))
+    return int(match.group(1)) if match else ITEMS_PER_KIND
 
 
 def test_recorded_table_parses() -> None:
