@@ -39,7 +39,9 @@ def recorded_retention(doc: str, method: str, budget: str) -> dict[str, float]:
     for line in lines[2:]:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         if cells[:2] == [method, budget]:
-            return {name: float(value.rstrip("%")) for name, value in zip(header[2:], cells[2:], strict=True)}
+            columns = dict(zip(header[2:], cells[2:], strict=True))
+            columns.pop("plan", None)  # which split ran: text, not a number
+            return {name: float(value.rstrip("%")) for name, value in columns.items()}
     raise AssertionError(f"docs/RETENTION.md has no row for {method} at {budget}")
 
 
@@ -55,7 +57,9 @@ def test_recorded_table_parses() -> None:
     doc = RETENTION_DOC.read_text()
     row = recorded_retention(doc, "nuwa", "25%")
     assert 0.0 < row["grounding retention"] <= 100.0
-    assert row["avg visual tokens"] == 36.0
+    assert (
+        35.0 <= row["avg visual tokens"] <= 36.0
+    )  # the budget is an upper bound (calibrated plans may sit under)
     assert recorded_limit(doc) >= 1
 
 
