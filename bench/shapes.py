@@ -77,8 +77,13 @@ def _qwen_tokenizer() -> Any:
     return wrapped
 
 
-def build_llava_1_5_7b(device: torch.device, dtype: torch.dtype, smoke: bool = False) -> tuple[Any, Any]:
-    """(model, processor) of LLaVA-1.5-7B shape with random weights, created directly on `device`."""
+def build_llava_1_5_7b(
+    device: torch.device, dtype: torch.dtype, smoke: bool = False, llm: dict[str, int] | None = None
+) -> tuple[Any, Any]:
+    """(model, processor) of LLaVA-1.5-7B shape with random weights, created directly on `device`.
+
+    `llm` replaces the LLM's widths and depth (e.g. a 2-layer stub where only the vision side is measured).
+    """
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -113,6 +118,7 @@ def build_llava_1_5_7b(device: torch.device, dtype: torch.dtype, smoke: bool = F
             "num_key_value_heads": 4,
         },
     )
+    text = {**text, **(llm or {})}
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **vision),
         text_config=LlamaConfig(

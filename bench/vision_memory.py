@@ -102,7 +102,6 @@ def qwen_full_attention(depth: int) -> list[int]:
 
 
 SMOKE_QWEN_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_heads": 2}
-SMOKE_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2}
 
 
 def qwen_config(depth: int, vocab_size: int, special_ids: dict[str, int], smoke: bool = False) -> Any:
@@ -179,68 +178,20 @@ def build_qwen(device: Any, dtype: Any, depth: int, smoke: bool = False) -> Any:
 
 
 def build_llava(device: Any, dtype: Any, smoke: bool = False) -> Any:
-    import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    from models.builtin.tokenizer import CHAT_TEMPLATE, build_tokenizer
+    """LLaVA-1.5's CLIP ViT-L/14-336 (`bench.shapes`) in front of a 2-layer LLM of width 256 that is never run."""
+    from bench.shapes import build_llava_1_5_7b
     from models.llava import LlavaAdapter
 
-    tokenizer = build_tokenizer()
-    clip = {
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
+    stub = {
+        "hidden_size": TEXT_WIDTH,
+        "intermediate_size": 2 * TEXT_WIDTH,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
     }
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            image_size=336, patch_size=14, projection_dim=768, **(SMOKE_CLIP if smoke else clip)
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=2 * TEXT_WIDTH,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=4096,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=576,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": 336},
-            crop_size={"height": 336, "width": 336},
-            image_mean=list(OPENAI_CLIP_MEAN),
-            image_std=list(OPENAI_CLIP_STD),
-        ),
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
-    return LlavaAdapter(model, processor)
+    return LlavaAdapter(*build_llava_1_5_7b(device, dtype, smoke, llm=stub))
 
 
-# ---------------------------------------------------------------------------------------------------- peaks
 def _status_kib(field: str) -> int:
     match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
     return int(match.group(1)) if match else 0

@@ -153,12 +153,29 @@ class VisionLanguageAdapter(ABC):
     """Applies per-request `PruningConfig`s to one transformers VLM instance (no source edits, no global patches)."""
 
     family: Family = "generic"
+    fallback_template: str = "{prompt}"
+    """The family's one-image chat format, for a checkpoint that ships no chat template (`format_prompt`)."""
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
         self.model = model
         self.processor = processor
         enable_probes(model)
         self.controller = LayerDropController(self.decoder_layers)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def format_prompt(self, prompt: str) -> str:
+        """The chat-formatted text for one user prompt with one image: the checkpoint's own chat template when
+        it has one (processor or tokenizer), else the family's `fallback_template`."""
+        template = getattr(self.processor, "chat_template", None) or getattr(
+            self.tokenizer, "chat_template", None
+        )
+        if template:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.fallback_template.format(prompt=prompt)
 
     # ---- family hooks ----------------------------------------------------------------------------------------
     @property

@@ -135,6 +135,7 @@ class LlavaAdapter(VisionLanguageAdapter):
     """Nüwa pruning for one `LlavaForConditionalGeneration` instance."""
 
     family = "llava"
+    fallback_template = LLAVA_FALLBACK_TEMPLATE
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
         super().__init__(model, processor)
@@ -150,10 +151,6 @@ class LlavaAdapter(VisionLanguageAdapter):
         self.tokenizer.padding_side = "left"
 
     # ---- family hooks ----------------------------------------------------------------------------------------
-    @property
-    def tokenizer(self) -> Any:
-        return self.processor.tokenizer
-
     @property
     def decoder_layers(self) -> torch.nn.ModuleList:
         return self.model.model.language_model.layers
@@ -185,16 +182,6 @@ class LlavaAdapter(VisionLanguageAdapter):
     def pad_fill(self) -> tuple[int, int, int]:
         mean = getattr(self.processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
         return tuple(int(round(255 * m)) for m in mean)  # type: ignore[return-value]
-
-    def format_prompt(self, prompt: str) -> str:
-        """The chat-formatted text for one user prompt with one image."""
-        template = getattr(self.processor, "chat_template", None) or getattr(
-            self.tokenizer, "chat_template", None
-        )
-        if template:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return LLAVA_FALLBACK_TEMPLATE.format(prompt=prompt)
 
     def prepare(
         self,

@@ -133,6 +133,7 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
     """Nüwa pruning for one `Qwen2_5_VLForConditionalGeneration` instance."""
 
     family = "qwen2_5_vl"
+    fallback_template = QWEN_FALLBACK_TEMPLATE
 
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
         super().__init__(model, processor)
@@ -149,25 +150,12 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
 
     # ---- family hooks ----------------------------------------------------------------------------------------
     @property
-    def tokenizer(self) -> Any:
-        return self.processor.tokenizer
-
-    @property
     def decoder_layers(self) -> torch.nn.ModuleList:
         return self.model.model.language_model.layers
 
     @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
-
-    def format_prompt(self, prompt: str) -> str:
-        template = getattr(self.processor, "chat_template", None) or getattr(
-            self.tokenizer, "chat_template", None
-        )
-        if template:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return QWEN_FALLBACK_TEMPLATE.format(prompt=prompt)
 
     def prepare(
         self,
