@@ -25,12 +25,14 @@ DOCS = REPO / "docs"
 STATUS_COLOURS = {200: "tab:green", 429: "tab:orange", 503: "tab:red", 504: "tab:purple", 0: "black"}
 
 
-def _load(name: str) -> dict[str, Any] | None:
+def load_result(name: str) -> dict[str, Any] | None:
+    """bench/results/NAME parsed, or None when that benchmark has not been run."""
     path = RESULTS / name
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _fmt(value: Any, digits: int = 1) -> str:
+def fmt(value: Any, digits: int = 1) -> str:
+    """A table cell: floats to `digits` places, None as a dash."""
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -138,7 +140,7 @@ def model_speed_tables(data: dict[str, Any]) -> str:
                 f"{r['average_tokens']:.1f} | {r['vision_ms']:.1f} | {r['prune_ms']:.1f} | {r['prefill_ms']:.1f} | "
                 f"{r['decode_ms']:.1f} | {r['ttft_ms']:.1f} | {r['decode_tokens_per_s']:.0f} | "
                 f"{r['requests_per_s']:.1f} | {r['prefill_tflops'] * 1e3:.3f} | {r['flops_floor_ms']:.1f} | "
-                f"{_fmt(ratio)}x |"
+                f"{fmt(ratio)}x |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -221,11 +223,11 @@ def service_tables(data: dict[str, Any]) -> str:
     for s in data["overload"] + data["degradation"]:
         statuses = ", ".join(f"{k}: {v}" for k, v in s["statuses"].items())
         lines.append(
-            f"| {s['label']} | {_fmt(s['offered_rps'])} | {_fmt(s['throughput_rps'])} | {_fmt(s['p50_ms'], 0)} | "
-            f"{_fmt(s['p95_ms'], 0)} | {_fmt(s['p99_ms'], 0)} | {_fmt(s['answered_max_ms'], 0)} | {statuses} | "
+            f"| {s['label']} | {fmt(s['offered_rps'])} | {fmt(s['throughput_rps'])} | {fmt(s['p50_ms'], 0)} | "
+            f"{fmt(s['p95_ms'], 0)} | {fmt(s['p99_ms'], 0)} | {fmt(s['answered_max_ms'], 0)} | {statuses} | "
             f"{s['answers_past_deadline']} | {s['no_response']} | "
             f"{'yes' if s['rejections_all_429_with_retry_after'] else 'NO'} | {s['degraded']} | "
-            f"{_fmt(s['mean_stage1_tokens'])} |"
+            f"{fmt(s['mean_stage1_tokens'])} |"
         )
     return "\n".join(lines)
 
@@ -243,12 +245,12 @@ def batching_tables(data: dict[str, Any]) -> str:
         for entry in data["batching"]:
             best = entry["best_within_budget"] or {}
             points = "; ".join(
-                f"c{p['concurrency']}: {p['throughput_rps']:.1f} @ {_fmt(p['p99_ms'], 0)}"
+                f"c{p['concurrency']}: {p['throughput_rps']:.1f} @ {fmt(p['p99_ms'], 0)}"
                 for p in entry["points"]
             )
             lines.append(
-                f"| {entry['max_batch_size']} | {_fmt(best.get('throughput_rps'))} | {_fmt(best.get('concurrency'))} "
-                f"| {_fmt(best.get('p99_ms'), 0)} | {_fmt(best.get('mean_batch_size'))} | {points} |"
+                f"| {entry['max_batch_size']} | {fmt(best.get('throughput_rps'))} | {fmt(best.get('concurrency'))} "
+                f"| {fmt(best.get('p99_ms'), 0)} | {fmt(best.get('mean_batch_size'))} | {points} |"
             )
     return "\n".join(lines)
 
@@ -302,8 +304,8 @@ def fault_tables(data: dict[str, Any]) -> str:
     ]
     for index, kill in enumerate(kills["kills"], 1):
         lines.append(
-            f"| {index} | {kill['at_s']:.2f} | {_fmt(kill.get('unready_after_s'), 3)} | "
-            f"{_fmt(kill['ready_again_after_s'], 2)} |"
+            f"| {index} | {kill['at_s']:.2f} | {fmt(kill.get('unready_after_s'), 3)} | "
+            f"{fmt(kill['ready_again_after_s'], 2)} |"
         )
     lines += [
         "",
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         ("batching", "service_load.json", None, batching_tables),
         ("fault_run", "fault_run.json", fault_plots, fault_tables),
     ):
-        data = _load(name)
+        data = load_result(name)
         if data is None:
             logger.info("no %s yet; skipped", name)
             continue

@@ -8,7 +8,6 @@ into docs/ and fills the `<!-- begin:NAME -->` / `<!-- end:NAME -->` markers of 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 from pathlib import Path
@@ -19,25 +18,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from bench.plots import DOCS, fill_doc, fmt, load_result  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
-DOCS = REPO / "docs"
 PARTS = ("queue", "ipc", "image_decode", "server_rest", "client_rest")
-
-
-def _load(name: str) -> dict[str, Any] | None:
-    path = RESULTS / name
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _f(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def _loads_line(data: dict[str, Any]) -> str:
@@ -85,18 +70,18 @@ def overhead_tables(data: dict[str, Any]) -> str:
     for key, result in data["results"].items():
         ms = result["ms"]
         lines.append(
-            f"| {names.get(key, key)} | {result['image_bytes']:,} | {_f(ms['client']['p50'])} / "
-            f"{_f(ms['client']['p99'])} | {_f(ms['model']['p50'])} | **{_f(ms['overhead']['p50'], 2)} / "
-            f"{_f(ms['overhead']['p99'], 2)}** | "
-            + " | ".join(f"{_f(ms[part]['p50'], 2)}" for part in PARTS)
-            + f" | {_f(result['http_floor_get_readyz_ms']['p50'], 2)} |"
+            f"| {names.get(key, key)} | {result['image_bytes']:,} | {fmt(ms['client']['p50'])} / "
+            f"{fmt(ms['client']['p99'])} | {fmt(ms['model']['p50'])} | **{fmt(ms['overhead']['p50'], 2)} / "
+            f"{fmt(ms['overhead']['p99'], 2)}** | "
+            + " | ".join(f"{fmt(ms[part]['p50'], 2)}" for part in PARTS)
+            + f" | {fmt(result['http_floor_get_readyz_ms']['p50'], 2)} |"
         )
     lines += [
         "",
         "Parts are medians of each column (they need not add up to the median overhead exactly); means: "
         + "; ".join(
-            f"{names.get(key, key)}: overhead {_f(r['ms']['overhead']['mean'], 2)} = "
-            + " + ".join(f"{part} {_f(r['ms'][part]['mean'], 2)}" for part in PARTS)
+            f"{names.get(key, key)}: overhead {fmt(r['ms']['overhead']['mean'], 2)} = "
+            + " + ".join(f"{part} {fmt(r['ms'][part]['mean'], 2)}" for part in PARTS)
             for key, r in data["results"].items()
         )
         + ".",
@@ -153,10 +138,10 @@ def side_by_side_tables(data: dict[str, Any]) -> str:
                 f"| {concurrency} | {server} | {mean:.2f} ("
                 + ", ".join(f"{p['throughput_rps']:.2f}" for p in mine)
                 + f") | {ratio} | "
-                + " / ".join(_f(p["p50_ms"], 0) for p in mine)
+                + " / ".join(fmt(p["p50_ms"], 0) for p in mine)
                 + " | "
-                + " / ".join(_f(p["p99_ms"], 0) for p in mine)
-                + f" | {_f(mine[0]['mean_batch_size'])} | {_f(mine[0]['mean_stage1_tokens'], 0)} |"
+                + " / ".join(fmt(p["p99_ms"], 0) for p in mine)
+                + f" | {fmt(mine[0]['mean_batch_size'])} | {fmt(mine[0]['mean_stage1_tokens'], 0)} |"
             )
     hits = sum(p["cache_hits"] for p in points)
     statuses: dict[str, int] = {}
@@ -235,7 +220,7 @@ def cache_tables(data: dict[str, Any]) -> str:
                 f"| {title} | {setting} | {row['phrases_per_s']:.2f} | "
                 + (f"**{gain:.2f}x**" if setting == settings[0] else "")
                 + f" | {row['mean_vision_ms_per_request']:.1f} | {row['cache_hits']} of {row['phrases']} | "
-                f"{_f(row['p50_ms'], 0)} | {_f(row['p99_ms'], 0)} | {_f(row['mean_batch_size'])} |"
+                f"{fmt(row['p50_ms'], 0)} | {fmt(row['p99_ms'], 0)} | {fmt(row['mean_batch_size'])} |"
             )
     lines += [
         "",
@@ -264,12 +249,12 @@ def batching_gain_tables(data: dict[str, Any]) -> str:
     for result in data["results"]:
         best = result["best_within_budget"] or {}
         points = "; ".join(
-            f"c{p['concurrency']}: {p['throughput_rps']:.1f} @ {p['p99_ms']:.0f}, b{_f(p['mean_batch_size'])}"
+            f"c{p['concurrency']}: {p['throughput_rps']:.1f} @ {p['p99_ms']:.0f}, b{fmt(p['mean_batch_size'])}"
             for p in result["points"]
         )
         lines.append(
-            f"| {result[setting]} | {_f(best.get('throughput_rps'))} | {_f(best.get('concurrency'))} | "
-            f"{_f(best.get('p99_ms'), 0)} | {_f(best.get('mean_batch_size'))} | {points} |"
+            f"| {result[setting]} | {fmt(best.get('throughput_rps'))} | {fmt(best.get('concurrency'))} | "
+            f"{fmt(best.get('p99_ms'), 0)} | {fmt(best.get('mean_batch_size'))} | {points} |"
         )
     bests = {r[setting]: (r["best_within_budget"] or {}).get("throughput_rps") for r in data["results"]}
     base = bests.get(1)
@@ -309,8 +294,8 @@ def pipeline_tables(data: dict[str, Any]) -> str:
             lines.append(
                 f"| {concurrency} | {depth} | {p['throughput_rps']:.2f} | "
                 + (f"**{ratio:.2f}x**" if depth == depths[-1] else "")
-                + f" | {_f(p['p50_ms'], 0)} | {_f(p['p99_ms'], 0)} | {_f(p['mean_batch_size'])} | "
-                f"{_f(p['mean_queue_ms'])} | {_f(p['mean_wait_ms'])} |"
+                + f" | {fmt(p['p50_ms'], 0)} | {fmt(p['p99_ms'], 0)} | {fmt(p['mean_batch_size'])} | "
+                f"{fmt(p['mean_queue_ms'])} | {fmt(p['mean_wait_ms'])} |"
             )
     lines += ["", _loads_line(data)]
     return "\n".join(lines)
@@ -353,7 +338,7 @@ def serving_tables(out: Path) -> dict[str, str]:
     """Plots into `out` and the markdown table of every serving result that exists, by marker name."""
     tables = {}
     for marker, name, plot, table in SECTIONS:
-        data = _load(name)
+        data = load_result(name)
         if data is None:
             logger.info("no %s yet; skipped", name)
             continue
@@ -364,8 +349,6 @@ def serving_tables(out: Path) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.plots import fill_doc
-
     parser = argparse.ArgumentParser(description="Serving-core benchmark tables and plots.")
     parser.add_argument("--out", type=Path, default=DOCS)
     parser.add_argument("--doc", type=Path, default=DOCS / "BENCHMARKS.md")
