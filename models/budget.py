@@ -49,6 +49,7 @@ class PruningConfig(BaseModel):
     top_n: int | None = Field(default=None, ge=1)
     stage1_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
     salience_key_norm: bool = False
+    salience_source: Literal["attention", "distinct", "attention_distinct"] = "attention"
     aggregation: bool = True
     proximity_fraction: float = Field(default=280 / 1058, gt=0.0)
     pillar_quantile: float = Field(default=0.55, ge=0.0, le=1.0)

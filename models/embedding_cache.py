@@ -36,7 +36,7 @@ class CacheStats:
 
 def encoded_nbytes(encoded: EncodedImage) -> int:
     """Bytes held by one cached image's tensors."""
-    tensors = [encoded.features, encoded.salience, encoded.similarity, encoded.key_norm]
+    tensors = [encoded.features, encoded.salience, encoded.similarity, encoded.key_norm, encoded.distinct]
     return sum(int(t.numel() * t.element_size()) for t in tensors if t is not None)
 
 

@@ -45,6 +45,8 @@ class EncodedImage:
         similarity: `(N, Ds)` features for the semantic similarity A (mean of middle encoder layers).
         key_norm: `(N,)` mean key L2 norm in the salience layer (paper options), or None.
         grid: (rows, cols) of the token grid.
+        distinct: `(N,)` `pruning.distinctness` of the tokens, when the adapter fixes which columns it reads
+            (Qwen3-VL: the main features, not the DeepStack levels stacked after them); None = of `features`.
     """
 
     features: torch.Tensor
@@ -52,6 +54,7 @@ class EncodedImage:
     similarity: torch.Tensor
     key_norm: torch.Tensor | None
     grid: tuple[int, int]
+    distinct: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

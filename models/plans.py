@@ -54,11 +54,16 @@ PLAN_FIELDS: tuple[str, ...] = (
     "pillar_quantile",
     "pillar_by_key_norm",
     "salience_key_norm",
+    "salience_source",
     "convex_rows",
     "proximity_fraction",
     "stage2_scoring",
 )
 """The `PruningConfig` fields a plan sets: the split (K1, K2, drop layer) and every stage-1 and stage-2 option."""
+
+LATER_FIELD_DEFAULTS: dict[str, Any] = {"salience_source": "attention"}
+"""Plan fields added after the first plan files were written, with the value those files meant (the salience
+they were calibrated with), so an older `pruning_plans.json` still loads and runs exactly as before."""
 
 PAPER_LABEL = "paper"
 CUSTOM_LABEL = "custom"
@@ -162,7 +167,7 @@ class CalibratedPlan:
         task = str(data["task"])
         if task not in PLAN_TASKS:
             raise ValueError(f"plan task must be one of {PLAN_TASKS}, got {task!r}")
-        options = dict(data["options"])
+        options = {**LATER_FIELD_DEFAULTS, **dict(data["options"])}
         unknown = sorted(set(options) - set(PLAN_FIELDS))
         missing = sorted(set(PLAN_FIELDS) - set(options))
         if unknown or missing:

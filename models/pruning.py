@@ -174,6 +174,27 @@ def select_stage1(
     return torch.sort(kept).values
 
 
+def distinctness(features: Tensor) -> Tensor:
+    """How much each token differs from the image as a whole: 1 - cosine(token, mean token), clamped at 0.
+
+    Why: attention salience (the CLS row, or attention received) concentrates on a few tokens per object and says
+    little about WHICH tokens hold an object. Flat background repeats itself, so its tokens sit close to the
+    image's mean direction, and every token of an object, edges and interior alike, sits away from it. On the
+    built-in model the top-|objects| tokens by this score cover 96% of the object patches; by CLS attention
+    36%, by attention x key norm 42% (`docs/PRUNING.md`). Duplicate-aware pruners (DART) use the same idea with
+    pivot tokens; this is the one-pivot form, one matrix-vector product per image.
+
+    Args:
+        features: `(N, D)` token features of one image, any float dtype.
+
+    Returns:
+        float32 `(N,)` scores in [0, 2], higher = more distinct.
+    """
+    tokens = torch.nn.functional.normalize(features.float(), dim=-1)
+    centre = torch.nn.functional.normalize(tokens.mean(dim=0, keepdim=True), dim=-1)
+    return (1.0 - (tokens @ centre.T).squeeze(-1)).clamp_min(0.0)
+
+
 def aggregate(
     features: Tensor,
     similarity: Tensor,

@@ -48,6 +48,7 @@ from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from models.attention import ColumnSumProbe, attach_probe
 from models.budget import PruningConfig
 from models.engine import EncodedImage, LLMInputs, PreparedBatch
+from models.pruning import distinctness
 from models.qwen2_5_vl import MergedBlockMean, Qwen2_5_VLAdapter, block_range
 from models.stage2 import LayerDropController
 
@@ -178,6 +179,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
                 similarity=similarity[ranges[config.similarity_layers]][b],
                 key_norm=key_norms[b],
                 grid=grids[b],
+                distinct=distinctness(features[b][:, : self.llm_width]),  # main features, not DeepStack's
             )
             for b, config in enumerate(configs)
         ]

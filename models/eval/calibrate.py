@@ -10,7 +10,8 @@ The plan space (all existing `PruningConfig` fields, `models.plans.PLAN_FIELDS`)
 - the split: the drop layer K (1..L-1) and K1, with K2 = floor((T - K * K1) / (L - K)) so the average never
   exceeds the budget A (T = A * L, or the paper's total when its rounding kept fewer), or no drop at all
   (T // L on every layer);
-- stage-1 selection: region size and top-n per region; salience with or without the key norm;
+- stage-1 selection: region size and top-n per region; the salience (attention, feature distinctness, or their
+  product), each with or without the key norm;
 - aggregation off, or on with each pillar rule (quantile, key norm), convex rows or another proximity radius;
 - the stage-2 scoring.
 
@@ -19,7 +20,7 @@ prefill FLOPs are <= the paper split's for ANY text length (sum of per-layer cou
 both <= the paper's: the FLOPs difference is linear in the text length with those two sums as coefficients).
 
 How the search stays cheap (a few hundred items, minutes per plan on one CPU thread): coordinate descent from
-the paper's split, one option group at a time (split, selection, aggregation, salience, scoring), each group
+the paper's split, one option group at a time (salience, split, selection, aggregation, scoring), each group
 screened by successive halving (every value on the first eighth of the items, the best third on three eighths,
 the best few on all of them); a second pass refines K1 around the winner. Results are memoised per candidate and
 item, and a candidate is only ever extended to more items, never rerun. A group's winner replaces the incumbent
@@ -98,6 +99,8 @@ AGGREGATION_VALUES: tuple[dict[str, Any], ...] = (
 
 AGGREGATION_FIELDS = ("pillar_quantile", "pillar_by_key_norm", "convex_rows", "proximity_fraction")
 SCORING_VALUES = ("last_token_mean", "last3_max", "text_cosine")
+SALIENCE_SOURCES = ("attention", "distinct", "attention_distinct")
+"""`PruningConfig.salience_source` values of the salience group, each with and without the key norm."""
 
 
 class OutOfTime(Exception):
@@ -388,16 +391,21 @@ class PlanSearch:
             return [{**incumbent, **reset, **value} for value in AGGREGATION_VALUES]
 
         def salience_values(incumbent: Options) -> list[Options]:
-            return [{**incumbent, "salience_key_norm": value} for value in (False, True)]
+            return [
+                {**incumbent, "salience_source": source, "salience_key_norm": key_norm}
+                for source in SALIENCE_SOURCES
+                for key_norm in (False, True)
+            ]
 
         def scoring_values(incumbent: Options) -> list[Options]:
             return [{**incumbent, "stage2_scoring": value} for value in SCORING_VALUES]
 
-        return [
+        return [  # salience first: which tokens count as salient changes which split wins (distinctness keeps
+            # whole objects, so it wants a larger K2 than attention does)
+            ("salience", salience_values),
             ("split", split_values),
             ("selection", selection_values),
             ("aggregation", aggregation_values),
-            ("salience", salience_values),
             ("scoring", scoring_values),
         ]
 

@@ -45,7 +45,12 @@ def options_text(options: Mapping[str, Any]) -> str:
         for name in ("pillar_quantile", "pillar_by_key_norm", "convex_rows", "proximity_fraction"):
             if options[name] != defaults[name]:
                 words.append(f"{name}={options[name]:g}" if isinstance(options[name], float) else name)
-    if options["salience_key_norm"]:
+    source = {"attention": "", "distinct": "distinctness", "attention_distinct": "attention x distinctness"}[
+        options.get("salience_source", "attention")
+    ]
+    if source:
+        words.append(f"salience: {source}" + (" x key norm" if options["salience_key_norm"] else ""))
+    elif options["salience_key_norm"]:
         words.append("salience x key norm")
     if options["stage2_layer"] is not None and options["stage2_scoring"] != defaults["stage2_scoring"]:
         words.append(f"stage 2 by {options['stage2_scoring']}")

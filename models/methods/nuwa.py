@@ -113,9 +113,7 @@ class Nuwa(PruningMethod):
         from models import pruning
 
         features, grid = encoded.features, encoded.grid
-        salience = encoded.salience
-        if config.salience_key_norm and encoded.key_norm is not None:
-            salience = salience * encoded.key_norm
+        salience = stage1_salience(encoded, config)
         index = pruning.select_stage1(salience, grid, plan.stage1_tokens, plan.top_n, config.region_size)
         index = index.to(features.device)
         if not config.aggregation:
@@ -132,6 +130,29 @@ class Nuwa(PruningMethod):
             pillar_scores=encoded.key_norm if config.pillar_by_key_norm else None,
         )
         return Stage1Selection(kept, index)
+
+
+def stage1_salience(encoded: EncodedImage, config: PruningConfig):
+    """The score stage 1 ranks tokens by (`PruningConfig.salience_source`, times the key norm if asked).
+
+    `attention` is the paper's m; `distinct` is `pruning.distinctness` of the encoder features (which tokens
+    differ from the image as a whole: object tokens, not background); `attention_distinct` is their product.
+    """
+    from models import pruning
+
+    source = config.salience_source
+    if source == "attention":
+        salience = encoded.salience
+    else:
+        distinct = (
+            encoded.distinct if encoded.distinct is not None else pruning.distinctness(encoded.features)
+        )
+        salience = distinct.to(encoded.salience.device)
+        if source == "attention_distinct":
+            salience = salience * encoded.salience.float()
+    if config.salience_key_norm and encoded.key_norm is not None:
+        salience = salience * encoded.key_norm
+    return salience
 
 
 def _qwen_table_row(

@@ -165,10 +165,14 @@ CONFIGS = [PruningConfig(method=method, budget=0.5) for method in method_names()
     PruningConfig(method="nuwa", budget=0.25),
     PruningConfig(method="nuwa", budget=0.25, stage2_scoring="last3_max"),
     PruningConfig(method="nuwa", budget=0.25, stage2_scoring="text_cosine"),
+    PruningConfig(method="nuwa", budget=0.25, salience_source="distinct"),
+    PruningConfig(method="nuwa", budget=0.25, salience_source="attention_distinct", salience_key_norm=True),
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.budget}-{c.stage2_scoring}")
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: f"{c.method}-{c.budget}-{c.stage2_scoring}-{c.salience_source}"
+)
 def test_batch_invariance(adapter, config):
     alone = adapter.generate(adapter.prepare(IMAGES[:1], PROMPTS[:1]), [config], max_new_tokens=6)
     batch = adapter.prepare(IMAGES, PROMPTS)

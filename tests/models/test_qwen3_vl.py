@@ -153,6 +153,7 @@ CASES = [
     PruningConfig(method="nuwa", budget=0.25, aggregation=False),
     PruningConfig(method="fastv", budget=0.25, fastv_layer=1),  # drop before the 2nd and 3rd injections
     PruningConfig(method="nuwa", budget=0.5, stage2_layer=3),  # drop after every injection
+    PruningConfig(method="nuwa", budget=0.25, salience_source="distinct"),
 ]
 SELECT_ONLY = {"none", "random", "fastv", "nuwa_stage2"}  # kept features are encoder rows, unchanged
 
@@ -161,6 +162,7 @@ def _case_id(config: PruningConfig) -> str:
     extras = "-noagg" if not config.aggregation else ""
     extras += f"-fastv{config.fastv_layer}" if config.fastv_layer else ""
     extras += f"-k{config.stage2_layer}" if config.stage2_layer else ""
+    extras += f"-{config.salience_source}" if config.salience_source != "attention" else ""
     return f"{config.method}-{config.budget}{extras}"
 
 

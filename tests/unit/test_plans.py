@@ -176,3 +176,20 @@ def test_the_committed_plans_honour_their_budgets() -> None:
         assert sum(planned.per_layer) <= sum(paper.per_layer)
         assert sum(c * c for c in planned.per_layer) <= sum(c * c for c in paper.per_layer)
         assert plan.scores["calibrated"] >= plan.scores["paper"]  # the search starts from the paper's split
+
+
+def test_a_plan_file_from_before_salience_source_loads_as_attention(tmp_path) -> None:
+    data = PlanTable([_plan(salience_source="distinct")], SHAPE).to_json()
+    del data["plans"][0]["options"]["salience_source"]  # what files written before the field hold
+    path = tmp_path / "pruning_plans.json"
+    path.write_text(json.dumps(data))
+    plan = PlanTable.load(path).plans[0]
+    assert plan.options["salience_source"] == "attention"
+    assert plan.config().salience_source == "attention"
+
+
+def test_the_salience_group_offers_every_source_with_and_without_the_key_norm() -> None:
+    from models.eval.calibrate import SALIENCE_SOURCES
+
+    assert SALIENCE_SOURCES == ("attention", "distinct", "attention_distinct")
+    assert set(SALIENCE_SOURCES) == set(PruningConfig.model_fields["salience_source"].annotation.__args__)

@@ -13,6 +13,7 @@ from models.pruning import (
     aggregate,
     attention_column_sum,
     attention_row,
+    distinctness,
     pool_grid,
     proximity_radius,
     region_candidates,
@@ -348,3 +349,19 @@ def test_visionzip_merge_small_budgets() -> None:
     assert source[0].item() == 9 and merged.shape == (2, 3)  # one dominant + one contextual
     merged, source = visionzip_merge(features, features, salience, k_total=10, contextual_fraction=0.3)
     assert merged.shape == (10, 3) and sorted(source.tolist()) == list(range(10))
+
+
+def test_distinctness_ranks_every_object_token_above_a_flat_background() -> None:
+    torch.manual_seed(0)
+    background = torch.tensor([1.0, 0.2, 0.1, 0.0])
+    features = background + 0.01 * torch.randn(36, 4)
+    objects = [3, 4, 17, 30]  # e.g. an object's interior, its edge, and two other objects
+    features[3] = features[4] = torch.tensor([0.1, 1.0, 0.0, 0.3])
+    features[17] = torch.tensor([0.0, 0.1, 1.0, 0.0])
+    features[30] = torch.tensor([0.2, 0.0, 0.3, 1.0])
+    scores = distinctness(features.half())
+    assert scores.dtype == torch.float32 and scores.shape == (36,)
+    assert sorted(torch.topk(scores, 4).indices.tolist()) == objects
+    assert scores[3] == pytest.approx(scores[4].item())  # same feature, same score: no position bias
+    assert float(scores.min()) >= 0.0 and float(scores.max()) <= 2.0
+    assert torch.all(distinctness(background.expand(5, 4)) < 1e-6)  # a flat image: nothing stands out
