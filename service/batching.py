@@ -10,6 +10,10 @@ No torch and no process plumbing here, so each rule is unit-tested with small va
   overlaps the end of the running batch (`leave_at`; `max_wait_s` after the oldest request before that moment
   can be estimated): so requests that queued during a running batch leave together, and no request waits for
   company once the worker could take it. (LitServe, by contrast, always waits its full `batch_timeout`.)
+* `FollowUps` learns whether requests arrive right after a batch completes (closed-loop clients that send the
+  next request when the last one is answered do; independent traffic mostly does not). When they do, a batch
+  smaller than the one completing is held back, at most `max_wait_s` after that completion, so the returning
+  clients join it instead of splitting the load into small alternating batches (`hold_until`).
 * `run_splitting` runs a batch and, when it fails as a whole (CUDA out of memory, a bad per-request config),
   splits it in halves and retries, so only the request that cannot run alone fails.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -125,6 +130,101 @@ class PendingQueue(Generic[T]):
         return sum(item.cost for item in self._items) >= max_cost
 
 
+class FollowUps:
+    """Whether clients send their next request right after their answer (closed loop), and how many come back.
+
+    Why: with pipelining, a batch leaves just before the running one ends, so the clients that the running batch
+    answers (and that send their next request at once) miss it and form the batch after. Four closed-loop clients
+    then alternate in batches of two, while a fixed 10 ms window (LitServe) gathers all four. Holding a batch for
+    them pays only when they really come back. Per completed batch this counts the arrivals within `window_s`
+    after it (its follow-ups) and all arrivals until the next completion: closed-loop clients arrive almost only
+    in that window (`share` near 1); independent traffic arrives spread over the batch's run (`share` about
+    `window_s` / run time), so it is never held.
+
+    Attributes:
+        wait_s: Once the first follow-up arrived, how long the batch waits for the others (`max_wait_ms`).
+        window_s: How long after a completion an arrival counts as its follow-up, and the longest hold after it.
+        smoothing: Weight of the newest completion in the running estimates.
+        share: Smoothed share of arrivals that were follow-ups, 0..1.
+        expected: Smoothed follow-ups per completion.
+        completed_at: When the last batch was answered (None before the first).
+        first_arrival_at: The first follow-up of that completion, if any yet.
+        arrivals: Follow-ups of that completion so far.
+    """
+
+    CLOSED_LOOP_SHARE = 0.8
+    """Share of follow-ups above which arrivals are treated as closed-loop clients coming back."""
+
+    def __init__(self, wait_s: float, window_s: float | None = None, smoothing: float = 0.5) -> None:
+        self.wait_s = wait_s
+        self.window_s = window_s if window_s is not None else FOLLOW_UP_WINDOWS * wait_s
+        self.smoothing = smoothing
+        self.share = 0.0
+        self.expected = 0.0
+        self.completed_at: float | None = None
+        self.first_arrival_at: float | None = None
+        self.arrivals = 0
+        self._cycle_arrivals = 0
+
+    def arrived(self, now: float) -> None:
+        """Count one arrival (call for every accepted request)."""
+        self._cycle_arrivals += 1
+        if self.completed_at is not None and now - self.completed_at <= self.window_s:
+            self.arrivals += 1
+            if self.first_arrival_at is None:
+                self.first_arrival_at = now
+
+    def completed(self, now: float) -> None:
+        """A batch was answered at `now`: fold the last cycle in, open a new one."""
+        if self.completed_at is not None and self._cycle_arrivals > 0:
+            self.share += self.smoothing * (self.arrivals / self._cycle_arrivals - self.share)
+            self.expected += self.smoothing * (self.arrivals - self.expected)
+        self.completed_at, self.first_arrival_at, self.arrivals, self._cycle_arrivals = now, None, 0, 0
+
+    @property
+    def expected_back(self) -> int:
+        """Follow-ups to expect after a completion: 0 unless the clients look closed-loop."""
+        return round(self.expected) if self.share >= self.CLOSED_LOOP_SHARE else 0
+
+    def hold_deadline(self) -> float | None:
+        """After the last completion: `wait_s` after its first follow-up, and never past `window_s` after it."""
+        if self.completed_at is None:
+            return None
+        cap = self.completed_at + self.window_s
+        if self.first_arrival_at is None:
+            return cap
+        return min(cap, self.first_arrival_at + self.wait_s)
+
+
+FOLLOW_UP_WINDOWS = 5
+"""`FollowUps.window_s` in units of `max_wait_ms`: a client's next request crosses HTTP, parsing and admission
+after its answer went out, which takes a few milliseconds more than the batching window itself."""
+
+
+def hold_until(
+    follow_ups: FollowUps, queued: int, max_batch_size: int, running: bool, now: float
+) -> float | None:
+    """Until when a batch of `queued` should wait for closed-loop follow-ups (`math.inf`: until the running batch
+    ends); None when it should leave now. Never when the batch is full or no follow-ups are expected.
+
+    Args:
+        follow_ups: The estimate (`FollowUps`).
+        queued: Requests waiting.
+        max_batch_size: Most requests in one batch.
+        running: Whether a batch is running in the worker (its clients come back when it ends).
+        now: The clock.
+    """
+    expected = follow_ups.expected_back
+    if expected < 1 or queued >= max_batch_size:
+        return None
+    if running:
+        return math.inf
+    until = follow_ups.hold_deadline()
+    if until is None or now >= until or follow_ups.arrivals >= expected:
+        return None
+    return until
+
+
 async def collect_batch(
     queue: PendingQueue[T],
     max_batch_size: int,
@@ -134,6 +234,7 @@ async def collect_batch(
     max_cost: int | None = None,
     leave_at: Callable[[], float | None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    hold: Callable[[int], float | None] | None = None,
 ) -> list[PendingItem[T]]:
     """The next batch: at once while the worker is idle; while it is busy, when it is full or when it should
     leave so that its preparation ends as the running batch does.
@@ -150,6 +251,9 @@ async def collect_batch(
             that queue during a running batch then leave together, just early enough for their preparation to
             overlap its end, instead of in small batches every `max_wait_s`.
         clock: Monotonic clock in seconds (the items' `enqueued_at` uses the same one).
+        hold: Given the queued count, until when a batch that would leave now should wait for the clients the
+            running (or just finished) batch answers (`hold_until`; `math.inf` = until the worker is idle), or
+            None to leave. Never delays a full batch.
 
     Returns:
         1 to `max_batch_size` items, oldest first.
@@ -161,14 +265,29 @@ async def collect_batch(
         if oldest is None:
             await queue.changed.wait()
             continue
-        if not busy() or queue.batch_is_full(max_batch_size, max_cost):
+        if queue.batch_is_full(max_batch_size, max_cost):
             return queue.take(max_batch_size, max_cost)
+        if not busy():
+            until = hold(len(queue)) if hold is not None else None
+            remaining = 0.0 if until is None else until - clock()
+            if remaining <= 0:
+                return queue.take(max_batch_size, max_cost)
+            await _first_of(queue.changed.wait(remaining), busy_changed.wait(remaining))
+            continue
         target = leave_at() if leave_at is not None else None
         if target is None:
             target = oldest.enqueued_at + max_wait_s
         remaining = target - clock()
         if remaining <= 0:
-            return queue.take(max_batch_size, max_cost)
+            until = hold(len(queue)) if hold is not None else None
+            if until is None:
+                return queue.take(max_batch_size, max_cost)
+            remaining = until - clock()  # math.inf: until the running batch ends (busy_changed)
+            if remaining <= 0:
+                return queue.take(max_batch_size, max_cost)
+            timeout = None if math.isinf(remaining) else remaining
+            await _first_of(queue.changed.wait(timeout), busy_changed.wait(timeout))
+            continue
         await _first_of(queue.changed.wait(remaining), busy_changed.wait(remaining))
 
 

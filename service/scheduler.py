@@ -31,7 +31,15 @@ from models.budget import PruningConfig, plan_tokens, target_tokens
 from models.embedding_cache import CacheStats
 from models.methods import get_method
 from service.admission import Admission, Degradation, DegradationPolicy, Ticket
-from service.batching import Notifier, PendingItem, PendingQueue, collect_batch, split_expired
+from service.batching import (
+    FollowUps,
+    Notifier,
+    PendingItem,
+    PendingQueue,
+    collect_batch,
+    hold_until,
+    split_expired,
+)
 from service.errors import (
     DeadlineExceededError,
     NuwaError,
@@ -168,6 +176,7 @@ class Scheduler:
         self._active = 0
         self._last_cache: CacheStats | None = None
         self._timing = BatchTiming()
+        self._follow_ups = FollowUps(wait_s=settings.max_wait_s)
         self._dispatcher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -292,6 +301,7 @@ class Scheduler:
             submission.pending = pending
             self._by_request[request_id] = submission
             self.queue.put(pending)
+            self._follow_ups.arrived(now)
             submissions.append(submission)
         self.metrics.queue_image_bytes.set(self.admission.image_bytes)
         return Admitted(tuple(submissions), config, visual_tokens, frame.input_size, degradation)
@@ -345,6 +355,7 @@ class Scheduler:
                 busy_changed=self._flights_changed,
                 max_cost=self.settings.max_batch_visual_tokens,
                 leave_at=self._next_batch_leaves_at,
+                hold=self._hold_for_follow_ups if self.settings.hold_for_follow_ups else None,
             )
             try:
                 self._dispatch(pending)
@@ -402,6 +413,11 @@ class Scheduler:
             ends = max(started, ends if ends is not None else started) + run_s
         return None if ends is None else ends - lead_s
 
+    def _hold_for_follow_ups(self, queued: int) -> float | None:
+        """`batching.hold_until` with the worker's state now."""
+        size = self.settings.max_batch_size
+        return hold_until(self._follow_ups, queued, size, bool(self._flights), time.monotonic())
+
     def _update_running(self) -> None:
         self.metrics.requests_running.set(sum(len(f.submissions) for f in self._flights.values()))
 
@@ -454,6 +470,7 @@ class Scheduler:
         if flight.watchdog is not None:
             flight.watchdog.cancel()
         self._update_running()
+        self._follow_ups.completed(delivered)
         self._flights_changed.notify()
         ipc_s = max(0.0, message.received_at - flight.sent_at) + max(0.0, delivered - message.done_at)
         self._timing.observe(len(flight.submissions), message.run_s, message.prepare_s + ipc_s / 2)

@@ -76,6 +76,12 @@ class Settings(BaseSettings):
         description="Longest a queued request waits for company while the worker is busy (an idle worker "
         "gets it at once).",
     )
+    hold_for_follow_ups: bool = Field(
+        default=True,
+        description="Let a batch smaller than the one finishing wait, at most max_wait_ms after that batch is "
+        "answered, for the clients it answered, when they have been sending their next request at once "
+        "(closed-loop clients); independent traffic is never held.",
+    )
     pipeline_depth: int = Field(
         default=2,
         ge=1,

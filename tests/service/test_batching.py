@@ -8,7 +8,16 @@ import time
 
 import pytest
 
-from service.batching import Notifier, PendingItem, PendingQueue, collect_batch, run_splitting, split_expired
+from service.batching import (
+    FollowUps,
+    Notifier,
+    PendingItem,
+    PendingQueue,
+    collect_batch,
+    hold_until,
+    run_splitting,
+    split_expired,
+)
 
 
 def _item(value: int, enqueued_at: float | None = None, deadline: float = float("inf")) -> PendingItem[int]:
@@ -291,3 +300,85 @@ def test_the_batch_end_wins_over_a_later_estimate() -> None:
     payloads, waited = asyncio.run(scenario())
     assert payloads == [1]
     assert 0.04 <= waited < 0.5
+
+
+def _closed_loop(rounds: int, size: int = 4, wait_s: float = 0.01) -> FollowUps:
+    """An estimate that has seen `rounds` batches of `size` whose every client came back 3 ms later."""
+    follow_ups = FollowUps(wait_s=wait_s)
+    now = 100.0
+    for _ in range(rounds):
+        follow_ups.completed(now)
+        for _ in range(size):
+            follow_ups.arrived(now + 0.003)
+        now += 0.2
+    return follow_ups
+
+
+def test_follow_ups_learn_closed_loop_clients_and_ignore_independent_traffic() -> None:
+    closed = _closed_loop(rounds=8)
+    closed.completed(300.0)
+    assert closed.share > 0.95 and closed.expected_back == 4
+    independent = FollowUps(wait_s=0.01)
+    now = 100.0
+    for _ in range(40):  # a batch every 200 ms; 4 arrivals per batch spread over its run, one in the window
+        independent.completed(now)
+        for offset in (0.02, 0.07, 0.12, 0.17):
+            independent.arrived(now + offset)
+        now += 0.2
+    assert independent.share < 0.3 and independent.expected_back == 0
+    fresh = FollowUps(wait_s=0.01)
+    assert fresh.expected_back == 0  # nothing learned: nothing held
+
+
+def test_hold_until_waits_for_the_running_batch_then_for_its_clients_at_most_max_wait() -> None:
+    follow_ups = _closed_loop(rounds=8)
+    done = 200.0
+    follow_ups.completed(done)  # a batch of 4 just answered; none of its clients back yet
+    assert hold_until(follow_ups, queued=2, max_batch_size=8, running=True, now=done) == float("inf")
+    assert hold_until(follow_ups, queued=8, max_batch_size=8, running=True, now=done) is None  # full: go
+    cap = done + follow_ups.window_s
+    assert hold_until(follow_ups, queued=2, max_batch_size=8, running=False, now=done) == pytest.approx(cap)
+    follow_ups.arrived(done + 0.004)  # the first client is back: the others get max_wait from now on
+    until = hold_until(follow_ups, queued=3, max_batch_size=8, running=False, now=done + 0.004)
+    assert until == pytest.approx(done + 0.014)
+    assert hold_until(follow_ups, queued=3, max_batch_size=8, running=False, now=done + 0.015) is None
+    for _ in range(3):
+        follow_ups.arrived(done + 0.005)
+    assert (
+        hold_until(follow_ups, queued=6, max_batch_size=8, running=False, now=done + 0.005) is None
+    )  # all back
+    fresh = FollowUps(wait_s=0.01)
+    assert hold_until(fresh, queued=1, max_batch_size=8, running=False, now=1.0) is None  # zero idle wait
+
+
+def test_a_batch_waits_for_the_clients_the_running_batch_answers() -> None:
+    """Two pairs of closed-loop clients: the pair queued while the other pair's batch runs waits for it."""
+
+    async def scenario() -> tuple[list[int], float]:
+        queue: PendingQueue[int] = PendingQueue()
+        follow_ups = _closed_loop(rounds=8, size=2, wait_s=0.05)
+        worker = _Worker(busy=True)
+        queue.put(_item(1))
+        queue.put(_item(2))
+        start = time.monotonic()
+
+        def hold(queued: int) -> float | None:
+            return hold_until(follow_ups, queued, 8, worker.busy, time.monotonic())
+
+        async def batch_ends_and_its_clients_return() -> None:
+            await asyncio.sleep(0.05)
+            follow_ups.completed(time.monotonic())
+            worker.set_busy(False)
+            for value in (3, 4):
+                await asyncio.sleep(0.005)
+                follow_ups.arrived(time.monotonic())
+                queue.put(_item(value))
+
+        task = asyncio.create_task(batch_ends_and_its_clients_return())
+        batch = await _collect(queue, worker, max_wait_s=5.0, leave_at=lambda: start, hold=hold)
+        await task
+        return [item.payload for item in batch], time.monotonic() - start
+
+    payloads, waited = asyncio.run(scenario())
+    assert payloads == [1, 2, 3, 4]  # one batch of 4, not 2 now and 2 later
+    assert 0.06 <= waited < 1.0
