@@ -11,9 +11,11 @@ No torch and no process plumbing here, so each rule is unit-tested with small va
   can be estimated): so requests that queued during a running batch leave together, and no request waits for
   company once the worker could take it. (LitServe, by contrast, always waits its full `batch_timeout`.)
 * `FollowUps` learns whether requests arrive right after a batch completes (closed-loop clients that send the
-  next request when the last one is answered do; independent traffic mostly does not). When they do, a batch
-  smaller than the one completing is held back, at most `max_wait_s` after that completion, so the returning
-  clients join it instead of splitting the load into small alternating batches (`hold_until`).
+  next request when the last one is answered do; independent traffic arrives spread over a batch's run). When
+  they do, a batch that is not full waits for the running batch's clients (`hold_until`): until it ends, then
+  until as many came back as usually do, at most `max_wait_s` after the first of them (and never more than
+  `FOLLOW_UP_WINDOWS * max_wait_s` after the completion), so they join it instead of splitting the load into
+  alternating small batches.
 * `run_splitting` runs a batch and, when it fails as a whole (CUDA out of memory, a bad per-request config),
   splits it in halves and retries, so only the request that cannot run alone fails.
 """
