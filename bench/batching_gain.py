@@ -9,10 +9,12 @@ clients ask for every visual token (method none), the rest at the defaults (max 
 - `--sweep batch_size`: max_batch_size 1, 8, 16 at concurrency 1, 4, 8, 16, 32; per setting the best throughput
   whose p99 stays within `--p99-budget-ms` (the same budget for all).
 - `--sweep pipeline_depth`: pipeline_depth 1 and 2 (max batch 8) at concurrency 4, 8, 16: throughput, p50, p99.
+- `--sweep follow_ups`: `hold_for_follow_ups` off and on (max batch 8), the same points.
 
 Usage:
     python -m bench.batching_gain --sweep batch_size --out bench/results/batching_gain.json
     python -m bench.batching_gain --sweep pipeline_depth --out bench/results/pipeline_gain.json
+    python -m bench.batching_gain --sweep follow_ups --out bench/results/follow_ups.json
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 SWEEPS: dict[str, dict[str, Any]] = {
     "batch_size": {"setting": "max_batch_size", "values": (1, 8, 16), "concurrency": (1, 4, 8, 16, 32)},
     "pipeline_depth": {"setting": "pipeline_depth", "values": (1, 2), "concurrency": (4, 8, 16)},
+    "follow_ups": {"setting": "hold_for_follow_ups", "values": ("false", "true"), "concurrency": (4, 8, 16)},
 }
 FIELDS = {"method": "none"}
 

@@ -1,6 +1,6 @@
 """Tables and plots of the serving-core benchmarks (request overhead, side by side, cache, batching, pipelining).
 
-Reads `bench/results/{request_overhead,side_by_side,cache_gain,batching_gain,pipeline_gain}.json`, writes PNGs
+Reads `bench/results/{request_overhead,side_by_side,cache_gain,batching_gain,pipeline_gain,follow_ups}.json`, writes PNGs
 into docs/ and fills the `<!-- begin:NAME -->` / `<!-- end:NAME -->` markers of docs/BENCHMARKS.md. Called by
 `python -m bench.plots` (which fills every table) or alone: ``python -m bench.serving_plots``.
 """
@@ -272,28 +272,31 @@ def batching_gain_tables(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def pipeline_tables(data: dict[str, Any]) -> str:
-    results = {r["pipeline_depth"]: r for r in data["results"]}
-    depths = sorted(results)
+def two_setting_tables(data: dict[str, Any]) -> str:
+    """A setting's two values side by side per concurrency (pipeline depth 1 / 2, follow-up hold off / on)."""
+    setting = data["setting"]
+    results = {r[setting]: r for r in data["results"]}
+    values = list(results)
+    first, last = values[0], values[-1]
     lines = [
         "Closed loop, max batch 8, every request its own image, every visual token. `queue` = mean time queued "
         "in the API process, `wait` = mean time a prepared batch waited in the worker for the previous one.",
         "",
-        "| concurrency | pipeline_depth | req/s | **depth 2 / depth 1** | p50 ms | p99 ms | mean batch | "
+        f"| concurrency | {setting} | req/s | **{last} / {first}** | p50 ms | p99 ms | mean batch | "
         "queue ms | wait ms |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    concurrencies = [p["concurrency"] for p in results[depths[0]]["points"]]
+    concurrencies = [p["concurrency"] for p in results[first]["points"]]
     for concurrency in concurrencies:
-        by_depth = {
-            d: next(p for p in results[d]["points"] if p["concurrency"] == concurrency) for d in depths
+        by_value = {
+            v: next(p for p in results[v]["points"] if p["concurrency"] == concurrency) for v in values
         }
-        ratio = by_depth[depths[-1]]["throughput_rps"] / by_depth[depths[0]]["throughput_rps"]
-        for depth in depths:
-            p = by_depth[depth]
+        ratio = by_value[last]["throughput_rps"] / by_value[first]["throughput_rps"]
+        for value in values:
+            p = by_value[value]
             lines.append(
-                f"| {concurrency} | {depth} | {p['throughput_rps']:.2f} | "
-                + (f"**{ratio:.2f}x**" if depth == depths[-1] else "")
+                f"| {concurrency} | {value} | {p['throughput_rps']:.2f} | "
+                + (f"**{ratio:.2f}x**" if value == last else "")
                 + f" | {fmt(p['p50_ms'], 0)} | {fmt(p['p99_ms'], 0)} | {fmt(p['mean_batch_size'])} | "
                 f"{fmt(p['mean_queue_ms'])} | {fmt(p['mean_wait_ms'])} |"
             )
@@ -330,7 +333,8 @@ SECTIONS = (
     ("side_by_side", "side_by_side.json", side_by_side_plot, side_by_side_tables),
     ("cache_gain", "cache_gain.json", None, cache_tables),
     ("batching_gain", "batching_gain.json", batching_gain_plot, batching_gain_tables),
-    ("pipeline_gain", "pipeline_gain.json", None, pipeline_tables),
+    ("pipeline_gain", "pipeline_gain.json", None, two_setting_tables),
+    ("follow_ups", "follow_ups.json", None, two_setting_tables),
 )
 
 
