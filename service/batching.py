@@ -269,28 +269,21 @@ async def collect_batch(
             continue
         if queue.batch_is_full(max_batch_size, max_cost):
             return queue.take(max_batch_size, max_cost)
-        if not busy():
-            until = hold(len(queue)) if hold is not None else None
-            remaining = 0.0 if until is None else until - clock()
-            if remaining <= 0:
-                return queue.take(max_batch_size, max_cost)
-            await _first_of(queue.changed.wait(remaining), busy_changed.wait(remaining))
-            continue
-        target = leave_at() if leave_at is not None else None
-        if target is None:
-            target = oldest.enqueued_at + max_wait_s
-        remaining = target - clock()
+        if busy():
+            target = leave_at() if leave_at is not None else None
+            if target is None:
+                target = oldest.enqueued_at + max_wait_s
+            remaining = target - clock()
+            if remaining > 0:
+                await _first_of(queue.changed.wait(remaining), busy_changed.wait(remaining))
+                continue
+        # The batch would leave now, unless it waits for the clients the running (or last) batch answers.
+        until = hold(len(queue)) if hold is not None else None
+        remaining = 0.0 if until is None else until - clock()
         if remaining <= 0:
-            until = hold(len(queue)) if hold is not None else None
-            if until is None:
-                return queue.take(max_batch_size, max_cost)
-            remaining = until - clock()  # math.inf: until the running batch ends (busy_changed)
-            if remaining <= 0:
-                return queue.take(max_batch_size, max_cost)
-            timeout = None if math.isinf(remaining) else remaining
-            await _first_of(queue.changed.wait(timeout), busy_changed.wait(timeout))
-            continue
-        await _first_of(queue.changed.wait(remaining), busy_changed.wait(remaining))
+            return queue.take(max_batch_size, max_cost)
+        timeout = None if math.isinf(remaining) else remaining  # inf: until the running batch ends
+        await _first_of(queue.changed.wait(timeout), busy_changed.wait(timeout))
 
 
 async def _first_of(*waits: Awaitable[None]) -> None:

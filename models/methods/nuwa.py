@@ -43,6 +43,8 @@ from models.budget import (
 from models.methods.base import PruningMethod, Stage1Selection
 
 if TYPE_CHECKING:
+    import torch
+
     from models.engine import EncodedImage
 
 LLAVA_STAGE2_RATIO = 1 / 7
@@ -132,7 +134,7 @@ class Nuwa(PruningMethod):
         return Stage1Selection(kept, index)
 
 
-def stage1_salience(encoded: EncodedImage, config: PruningConfig):
+def stage1_salience(encoded: EncodedImage, config: PruningConfig) -> torch.Tensor:
     """The score stage 1 ranks tokens by (`PruningConfig.salience_source`, times the key norm if asked).
 
     `attention` is the paper's m; `distinct` is `pruning.distinctness` of the encoder features (which tokens
