@@ -4,7 +4,8 @@ Why not `model.generate()`: after an LLM-side drop the layers after the drop hav
 layers before it, and every sample of a padded batch kept a different number of tokens, so the stage-2 controller
 must see every step (`models/stage2.py`). Owning the loop also lets the prefill and the decode be timed apart.
 Positions continue from the prompt's last ORIGINAL position id (not the pruned length), so decoding sees the same
-positions the unpruned model would.
+positions the unpruned model would. Cached steps of a Llama language model go through `models.fast_decode`
+(the same arithmetic without the model stack's per-step Python); other models step through their own forward.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def greedy_decode(
     reports: list[VisualTokenReport] = []
     cache = DynamicCache(config=adapter.model.config.text_config) if use_cache else None
     controller = adapter.controller
+    fast_step = adapter.fast_decode_step if cache is not None else None
     start = clock.now()
     try:
         for step in range(max(limits)):
@@ -102,9 +104,14 @@ def greedy_decode(
                         controller.end_prefill()
                 if cache is None:
                     controller.finish()
+            elif fast_step is not None:
+                outputs = None
+                logits = fast_step(llm, generated, cache, controller.decode_key_valid)
             else:
                 outputs = decode_step(adapter.model, llm, generated, cache)
-            next_tokens = outputs.logits[:, -1].argmax(dim=-1)
+            if outputs is not None:
+                logits = outputs.logits[:, -1]
+            next_tokens = logits.argmax(dim=-1)
             generated = torch.cat([generated, next_tokens[:, None]], dim=1)
             for b, token in enumerate(next_tokens.tolist()):
                 if finished[b]:

@@ -14,7 +14,7 @@ Only the worker's compute thread uses a cache; the counters are plain ints, read
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,13 +60,19 @@ class EmbeddingCache:
 
     def get(self, key: Hashable) -> EncodedImage | None:
         """The cached value (now the most recently used), or None; counts a hit or a miss."""
-        entry = self._entries.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return entry[0]
+        return self.get_any([key])
+
+    def get_any(self, keys: Sequence[Hashable]) -> EncodedImage | None:
+        """The value of the first of `keys` that is cached (now the most recently used), or None; counts ONE hit
+        or miss for the lookup (a request that can use any of several entries is one lookup)."""
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry[0]
+        self.misses += 1
+        return None
 
     def put(self, key: Hashable, encoded: EncodedImage) -> None:
         """Store `encoded`, evicting the least recently used entries until it fits."""

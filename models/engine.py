@@ -27,6 +27,7 @@ from models.budget import Family, PruningConfig, TokenPlan, plan_tokens
 from models.clocks import Clock, StageClock
 from models.decoding import FinishReason, greedy_decode, pad_token_id
 from models.embedding_cache import EmbeddingCache
+from models.fast_decode import LlamaDecodeStep
 from models.geometry import Geometry
 from models.methods import Stage1Selection, get_method, keep_every_token
 from models.reports import visual_token_reports
@@ -42,7 +43,8 @@ class EncodedImage:
         features: `(N, D)` tokens in raster order of `grid`, in the space where aggregation happens (LLaVA: the
             selected CLIP layer, before the projector; Qwen2.5-VL: merged tokens, already in the LLM space).
         salience: `(N,)` float32 attention-based salience (Nüwa's m).
-        similarity: `(N, Ds)` features for the semantic similarity A (mean of middle encoder layers).
+        similarity: `(N, Ds)` features for the semantic similarity A (mean of middle encoder layers); None when
+            no method of the batch reads it (`PruningMethod.needs_similarity`) and the adapter skipped it.
         key_norm: `(N,)` mean key L2 norm in the salience layer (paper options), or None.
         grid: (rows, cols) of the token grid.
         distinct: `(N,)` `pruning.distinctness` of the tokens, when the adapter fixes which columns it reads
@@ -51,7 +53,7 @@ class EncodedImage:
 
     features: torch.Tensor
     salience: torch.Tensor
-    similarity: torch.Tensor
+    similarity: torch.Tensor | None
     key_norm: torch.Tensor | None
     grid: tuple[int, int]
     distinct: torch.Tensor | None = None
@@ -164,6 +166,8 @@ class VisionLanguageAdapter(ABC):
         self.processor = processor
         enable_probes(model)
         self.controller = LayerDropController(self.decoder_layers)
+        self.fast_decode_step: LlamaDecodeStep | None = LlamaDecodeStep.for_model(model)
+        """Cached decode steps without the model stack (`models.fast_decode`); None = the stock forward."""
 
     @property
     def tokenizer(self) -> Any:
@@ -361,27 +365,30 @@ class VisionLanguageAdapter(ABC):
         self, batch: PreparedBatch, configs: Sequence[PruningConfig], cache: EmbeddingCache | None = None
     ) -> tuple[list[EncodedImage], list[CacheStatus]]:
         """The vision side of every sample, running the tower only for images neither cached nor seen earlier
-        in this batch (the key is the image's content and the request's similarity layers)."""
+        in this batch (the key is the image's content and the request's similarity layers, None for a request
+        whose method reads no similarity: its entry may lack it)."""
         size = batch.batch_size
         image_keys = batch.image_keys or [None] * size
-        keys = [
-            None if image_key is None else (image_key, config.similarity_layers)
+        candidates = [
+            None if image_key is None else embedding_keys(image_key, config)
             for image_key, config in zip(image_keys, configs, strict=True)
         ]
+        keys = [None if options is None else options[0] for options in candidates]
         encoded: list[EncodedImage | None] = [None] * size
         status: list[CacheStatus] = ["miss"] * size
         first_of: dict[Any, int] = {}
+        source = list(range(size))  # the sample whose encoding each sample uses
         to_encode: list[int] = []
-        for b, key in enumerate(keys):
-            if key is None:
+        for b, options in enumerate(candidates):
+            if options is None:
                 to_encode.append(b)
-            elif key in first_of:
-                status[b] = "hit"
-            elif cache is not None and (cached := cache.get(key)) is not None:
+            elif (shared := next((first_of[k] for k in options if k in first_of), None)) is not None:
+                status[b], source[b] = "hit", shared
+            elif cache is not None and (cached := cache.get_any(options)) is not None:
                 encoded[b], status[b] = cached, "hit"
-                first_of[key] = b
+                first_of[options[0]] = b
             else:
-                first_of[key] = b
+                first_of[options[0]] = b
                 to_encode.append(b)
         if to_encode:
             sub_batch = batch if len(to_encode) == size else self.vision_subset(batch, to_encode)
@@ -390,9 +397,9 @@ class VisionLanguageAdapter(ABC):
                 encoded[b] = value
                 if keys[b] is not None and cache is not None:
                     cache.put(keys[b], value)
-        for b, key in enumerate(keys):
+        for b in range(size):
             if encoded[b] is None:
-                encoded[b] = encoded[first_of[key]]
+                encoded[b] = encoded[source[b]]
         return [value for value in encoded if value is not None], status
 
     # ---- running ---------------------------------------------------------------------------------------------
@@ -524,6 +531,18 @@ class VisionLanguageAdapter(ABC):
         )
 
 
+def embedding_keys(image_key: Any, config: PruningConfig) -> tuple[tuple[Any, Any], ...]:
+    """The embedding-cache keys whose entry serves `config` for this image, the one it is stored under first.
+
+    A method that reads the similarity needs an entry computed with ITS similarity layers. One that reads none
+    stores under `(image, None)` (the entry may lack the similarity: LLaVA then skips the layers only the
+    similarity needs), and can also use an entry made for a request with the default-or-own layers.
+    """
+    if get_method(config.method).needs_similarity(config):
+        return ((image_key, config.similarity_layers),)
+    return ((image_key, None), (image_key, config.similarity_layers))
+
+
 __all__ = [
     "EncodedImage",
     "EngineOutput",
@@ -531,4 +550,5 @@ __all__ = [
     "PreparedBatch",
     "Stage1Sample",
     "VisionLanguageAdapter",
+    "embedding_keys",
 ]

@@ -26,8 +26,10 @@ from PIL import Image
 
 from models.attention import ClsRowProbe, attach_probe
 from models.budget import PruningConfig
+from models.clip_pixels import ClipPixels
 from models.engine import EncodedImage, PreparedBatch, VisionLanguageAdapter
 from models.geometry import PaddedSquareGeometry
+from models.methods import get_method
 
 LLAVA_FALLBACK_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
@@ -149,6 +151,7 @@ class LlavaAdapter(VisionLanguageAdapter):
         self.vision_feature_layer = layer
         align_processor_with_model(model, processor)
         self.tokenizer.padding_side = "left"
+        self.clip_pixels = ClipPixels.from_processor(processor.image_processor)
 
     # ---- family hooks ----------------------------------------------------------------------------------------
     @property
@@ -201,9 +204,28 @@ class LlavaAdapter(VisionLanguageAdapter):
             squares.append(square)
             frames.append(self.frame_for(original_size))
         texts = [self.format_prompt(prompt) for prompt in prompts]
-        inputs = self.processor(images=squares, text=texts, padding=True, return_tensors="pt")
+        inputs = self.fast_inputs(squares, texts)
+        if inputs is None:
+            inputs = self.processor(images=squares, text=texts, padding=True, return_tensors="pt")
         inputs = {key: value for key, value in inputs.items() if isinstance(value, torch.Tensor)}
         return PreparedBatch(inputs=inputs, frames=frames)
+
+    def fast_inputs(self, squares: Sequence[Image.Image], texts: Sequence[str]) -> dict[str, Any] | None:
+        """The stock processor's output, bit for bit, without its per-image cost (`models.clip_pixels`).
+
+        The pixels come from the lookup-table path; the text is expanded with the processor's own
+        `replace_image_token` and tokenised by its tokenizer, so the token layout is the processor's. None
+        (use the stock processor) when the image processor is not the CLIP configuration the fast path
+        reproduces, or a prompt does not hold exactly one image token (the processor then raises its own error).
+        """
+        image_token = getattr(self.processor, "image_token", None)
+        if self.clip_pixels is None or image_token is None or any(t.count(image_token) != 1 for t in texts):
+            return None
+        pixel_values = self.clip_pixels(squares)
+        replacement = self.processor.replace_image_token({"pixel_values": pixel_values}, image_idx=0)
+        expanded = [text.replace(image_token, replacement) for text in texts]
+        text_inputs = self.processor.tokenizer(expanded, padding=True, return_tensors="pt")
+        return {**text_inputs, "pixel_values": pixel_values}
 
     @property
     def geometry(self) -> PaddedSquareGeometry:
@@ -213,21 +235,23 @@ class LlavaAdapter(VisionLanguageAdapter):
         )
 
     def encode_images(self, batch: PreparedBatch, configs: Sequence[PruningConfig]) -> list[EncodedImage]:
-        vision_tower = self.model.model.vision_tower
         layers = self.vision_layers
         num_layers = len(layers)
         layer = self.vision_feature_layer
         feature_layer = num_layers + layer if layer < 0 else layer - 1  # encoder layer whose output is used
+        needs = [get_method(config.method).needs_similarity(config) for config in configs]
         ranges = {
             config.similarity_layers: clip_layer_range(config.similarity_layers, num_layers)
-            for config in configs
+            for config, need in zip(configs, needs, strict=True)
+            if need
         }
+        last_layer = max([feature_layer, *(last for _, last in ranges.values())])
         recorder = ClipLayerOutputs(layers, feature_layer, sorted(set(ranges.values())))
         probe = ClsRowProbe()
         attach_probe(layers[feature_layer].self_attn, probe)
         try:
             pixel_values = batch.inputs["pixel_values"].to(self.model.dtype)
-            vision_tower(pixel_values, return_dict=True)
+            self.run_vision_layers(pixel_values, last_layer)
         finally:
             attach_probe(layers[feature_layer].self_attn, None)
             recorder.remove()
@@ -240,12 +264,37 @@ class LlavaAdapter(VisionLanguageAdapter):
             EncodedImage(
                 features=features[b],
                 salience=probe.salience[b],
-                similarity=similarity[ranges[config.similarity_layers]][b],
+                similarity=similarity[ranges[config.similarity_layers]][b] if need else None,
                 key_norm=probe.key_norm[b],
                 grid=self.grid,
             )
-            for b, config in enumerate(configs)
+            for b, (config, need) in enumerate(zip(configs, needs, strict=True))
         ]
+
+    def run_vision_layers(self, pixel_values: torch.Tensor, last_layer: int) -> None:
+        """Run the CLIP tower through encoder layer `last_layer` only (the hooks read what they need).
+
+        Why: `LlavaForConditionalGeneration` runs every CLIP layer although the projector reads the penultimate
+        one (`vision_feature_layer` -2); the last layer only feeds the similarity mean, which only aggregation and
+        VisionZip use. Stopping at the feature layer skips 1 of the built-in model's 6 layers and 1 of CLIP-L's
+        24 for every batch that does not aggregate (unpruned requests, FastV, ...), with the same outputs: the
+        same modules run in the same order as in `CLIPVisionTransformer.forward`. A tower of another layout
+        (no `pre_layrnorm`, e.g. SigLIP) runs whole, through its own forward.
+        """
+        tower = self.model.model.vision_tower
+        vision_model = getattr(tower, "vision_model", tower)
+        layers = self.vision_layers
+        stock_layout = (
+            hasattr(vision_model, "embeddings")
+            and hasattr(vision_model, "pre_layrnorm")
+            and getattr(getattr(vision_model, "encoder", None), "layers", None) is layers
+        )
+        if not stock_layout or last_layer >= len(layers) - 1:
+            tower(pixel_values, return_dict=True)
+            return
+        hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))
+        for encoder_layer in layers[: last_layer + 1]:
+            hidden = encoder_layer(hidden, None)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)

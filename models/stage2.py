@@ -269,20 +269,27 @@ class LayerDropController:
             kwargs["position_ids"] = _gather_rows(kwargs["position_ids"], layout.index)
         return kwargs
 
-    def _decode_hook(self, layer_index: int, args: tuple, kwargs: dict[str, Any]):
-        run = self._require_run()
-        segment_start = max((layer for layer in run.segment_layout if layer <= layer_index), default=None)
-        if segment_start is None:
+    def decode_key_valid(self, layer_index: int) -> torch.Tensor | None:
+        """During cached decoding: the `(B, L)` padding mask of the segment whose KV cache `layer_index` holds
+        (the layout the drop before it produced), or None when no drop precedes the layer (or nothing runs)."""
+        run = self._run
+        if run is None or not run.decoding:
             return None
-        layout = run.segment_layout[segment_start]
+        segment_start = max((layer for layer in run.segment_layout if layer <= layer_index), default=None)
+        return None if segment_start is None else run.segment_layout[segment_start].valid
+
+    def _decode_hook(self, layer_index: int, args: tuple, kwargs: dict[str, Any]):
+        segment_valid = self.decode_key_valid(layer_index)
+        if segment_valid is None:
+            return None
         hidden = args[0] if args else kwargs["hidden_states"]
         query_length = hidden.shape[1]
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length(layer_index) if cache is not None else 0
-        new_tokens = past + query_length - layout.valid.shape[1]
-        batch = layout.valid.shape[0]
-        extension = torch.ones(batch, new_tokens, dtype=torch.bool, device=layout.valid.device)
-        key_valid = torch.cat([layout.valid, extension], dim=1)  # (B, Lk)
+        new_tokens = past + query_length - segment_valid.shape[1]
+        batch = segment_valid.shape[0]
+        extension = torch.ones(batch, new_tokens, dtype=torch.bool, device=segment_valid.device)
+        key_valid = torch.cat([segment_valid, extension], dim=1)  # (B, Lk)
         key_positions = torch.arange(key_valid.shape[1], device=key_valid.device)
         query_positions = key_positions[-query_length:]
         mask = (key_positions[None, :] <= query_positions[:, None])[None] & key_valid[:, None, :]

@@ -78,6 +78,14 @@ class PruningMethod(ABC):
         """Stage 1: the tokens the LLM receives. Default: all of them (methods that prune only in the LLM)."""
         return keep_every_token(encoded)
 
+    def needs_similarity(self, config: PruningConfig) -> bool:
+        """Whether `select` reads `EncodedImage.similarity` (the mean of middle-to-late encoder layers).
+
+        False lets the vision side skip what only the similarity needs (LLaVA: the CLIP layers after the feature
+        layer) and leave `similarity` None; the embedding cache keys such entries apart.
+        """
+        return False
+
     def stage2_scoring(self, config: PruningConfig) -> str:
         """How the LLM-side drop scores visual tokens (see `models.stage2.DropPlan`); used only if the plan drops."""
         return config.stage2_scoring

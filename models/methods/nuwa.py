@@ -111,6 +111,10 @@ class Nuwa(PruningMethod):
             top_n = derive_top_n(config, stage1, grid, family)
         return two_stage_plan(self.name, num_tokens, stage1, stage2, split, num_layers, top_n=top_n)
 
+    def needs_similarity(self, config: PruningConfig) -> bool:
+        # The semantic term of the aggregation weights; without a budget every token is kept and nothing merges.
+        return config.aggregation and config.budget is not None
+
     def select(self, encoded: EncodedImage, config: PruningConfig, plan: TokenPlan) -> Stage1Selection:
         from models import pruning
 

@@ -23,6 +23,9 @@ class VisionZip(PruningMethod):
     def plan(self, config: PruningConfig, shape: PlanShape, target: int) -> TokenPlan:
         return flat_plan(self.name, shape.num_tokens, target, shape.num_layers, top_n=0)
 
+    def needs_similarity(self, config: PruningConfig) -> bool:
+        return True  # contextual tokens merge by similarity
+
     def select(self, encoded: EncodedImage, config: PruningConfig, plan: TokenPlan) -> Stage1Selection:
         from models import pruning
 

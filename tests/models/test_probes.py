@@ -261,3 +261,43 @@ def test_a_probed_layer_outputs_exactly_what_the_configured_implementation_does(
             attach_probe(adapter.vision_layers[1].self_attn, None)
     assert torch.equal(probed, plain)
     assert probe.salience is not None and probe.salience.shape == (1, 64)
+
+
+@pytest.mark.parametrize(
+    ("configs", "layers_run"),
+    [
+        (
+            [PruningConfig(method="none"), PruningConfig(method="fastv", budget=0.5)],
+            2,
+        ),  # stop at the feature layer
+        (
+            [PruningConfig(), PruningConfig(method="nuwa", budget=0.25)],
+            3,
+        ),  # aggregation reads the last layer too
+    ],
+)
+def test_llava_runs_the_layers_after_the_feature_layer_only_for_the_similarity(configs, layers_run):
+    """The tiny tower has 3 layers and reads layer index 1 (`vision_feature_layer` -2): a batch that reads no
+    similarity runs 2 of them, with the features the full tower gives, exactly."""
+    model, processor = tiny_llava(seed=0)
+    adapter = LlavaAdapter(model, processor)
+    batch = adapter.prepare(IMAGES, PROMPTS)
+    calls: list[int] = []
+    handles = [
+        layer.register_forward_hook(lambda module, args, output, index=i: calls.append(index))
+        for i, layer in enumerate(adapter.vision_layers)
+    ]
+    try:
+        with torch.inference_mode():
+            encoded = adapter.encode_images(batch, configs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == list(range(layers_run))
+    with torch.inference_mode():
+        states = model.model.vision_tower(
+            batch.inputs["pixel_values"], output_hidden_states=True
+        ).hidden_states
+    for b, config in enumerate(configs):
+        assert torch.equal(encoded[b].features, states[-2][b, 1:])
+        assert (encoded[b].similarity is None) == (config.budget is None or config.method != "nuwa")

@@ -1,0 +1,117 @@
+"""The fast Llama decode step gives the stock forward's logits bit for bit (`models.fast_decode`).
+
+Both paths decode the same prefill side by side, step by step (the stock step on a copy of the KV cache), for a
+padded batch whose samples kept different numbers of tokens: unpruned, a stage-2 drop (Nüwa, FastV: layers after
+the drop hold a shorter cache with their own padding), and stage 1 only. The built-in checkpoint is checked too.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from models.budget import PruningConfig
+from models.builtin import BUILTIN_MODEL_DIR
+from models.clocks import StageClock
+from models.decoding import decode_step, greedy_decode
+from models.fast_decode import LlamaDecodeStep
+from models.llava import LlavaAdapter
+from models.loading import load_runner
+from models.qwen2_5_vl import Qwen2_5_VLAdapter
+from tests.models.tiny import tiny_llava, tiny_qwen
+
+torch.set_num_threads(1)
+
+PROMPTS = ["What color is the circle?", "Locate the red square in the image please", "How many?"]
+
+
+def _images(count: int, side: int) -> list[Image.Image]:
+    rng = np.random.default_rng(11)
+    return [
+        Image.fromarray(rng.integers(0, 256, (side, side + 8 * i, 3), dtype=np.uint8)) for i in range(count)
+    ]
+
+
+def _side_by_side(adapter, images, configs, steps: int = 5) -> list[float]:
+    """Largest |fast - stock| logit difference per step, decoding the fast path's own greedy tokens."""
+    fast = adapter.fast_decode_step
+    assert fast is not None
+    batch = adapter.prepare(images, PROMPTS[: len(images)])
+    differences = []
+    with torch.inference_mode():
+        llm = adapter.prune(batch, configs)
+        cache = DynamicCache(config=adapter.model.config.text_config)
+        try:
+            outputs = adapter.run_llm(llm, cache=cache, logits_to_keep=1)
+            adapter.controller.end_prefill()
+            generated = outputs.logits[:, -1].argmax(dim=-1)[:, None]
+            for _ in range(steps):
+                stock_cache = copy.deepcopy(cache)
+                stock = decode_step(adapter.model, llm, generated, stock_cache).logits[:, -1]
+                ours = fast(llm, generated, cache, adapter.controller.decode_key_valid)
+                differences.append(float((ours - stock).abs().max()))
+                assert [layer.keys.shape for layer in cache.layers] == [
+                    layer.keys.shape for layer in stock_cache.layers
+                ]
+                generated = torch.cat([generated, ours.argmax(dim=-1)[:, None]], dim=1)
+        finally:
+            adapter.controller.finish()
+    return differences
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter() -> LlavaAdapter:
+    model, processor = tiny_llava(seed=0)
+    return LlavaAdapter(model, processor)
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        [PruningConfig(method="none")] * 3,
+        [
+            PruningConfig(method="nuwa", budget=0.25),
+            PruningConfig(method="none"),
+            PruningConfig(method="fastv", budget=0.5),
+        ],
+        [PruningConfig(method="nuwa_stage1", budget=0.5)] * 3,
+    ],
+    ids=["unpruned", "mixed-drops", "stage1-only"],
+)
+def test_fast_step_equals_the_stock_forward_exactly(tiny_adapter, configs) -> None:
+    differences = _side_by_side(tiny_adapter, _images(3, 112), configs)
+    assert differences == [0.0] * 5
+
+
+def test_builtin_checkpoint_fast_step_is_exact_and_used_by_generation() -> None:
+    runner = load_runner(BUILTIN_MODEL_DIR, "cpu")
+    adapter = runner.adapter
+    configs = [PruningConfig(method="none"), PruningConfig(method="nuwa", budget=0.25)]
+    assert _side_by_side(adapter, _images(2, 336), configs, steps=4) == [0.0] * 4
+    calls = []
+    fast = adapter.fast_decode_step
+    adapter.fast_decode_step = lambda *args: calls.append(1) or fast(*args)
+    try:
+        batch = adapter.prepare(_images(2, 336), PROMPTS[:2])
+        with torch.inference_mode():
+            llm = adapter.prune(batch, configs)
+            sequences, _, _ = greedy_decode(
+                adapter, llm, [6, 6], StageClock(torch.device("cpu")), stop_at_eos=False
+            )
+    finally:
+        adapter.fast_decode_step = fast
+    assert len(calls) == 5  # every cached step after the prefill
+    assert [len(s) for s in sequences] == [6, 6]
+
+
+def test_other_language_models_keep_the_stock_forward() -> None:
+    model, processor = tiny_qwen(seed=0)
+    assert Qwen2_5_VLAdapter(model, processor).fast_decode_step is None
+    model, processor = tiny_llava(seed=0)
+    model.config.text_config._attn_implementation = "eager"
+    assert LlamaDecodeStep.for_model(model) is None
