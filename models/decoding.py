@@ -86,6 +86,7 @@ def greedy_decode(
     cache = DynamicCache(config=adapter.model.config.text_config) if use_cache else None
     controller = adapter.controller
     fast_step = adapter.fast_decode_step if cache is not None else None
+    buffers = None  # the fast step's KV cache, made from the prefill's on the first step
     start = clock.now()
     try:
         for step in range(max(limits)):
@@ -106,7 +107,9 @@ def greedy_decode(
                     controller.finish()
             elif fast_step is not None:
                 outputs = None
-                logits = fast_step(llm, generated, cache, controller.decode_key_valid)
+                if buffers is None:
+                    buffers = fast_step.buffers(cache, max(limits) - step)
+                logits = fast_step(llm, generated, buffers, controller.decode_key_valid)
             else:
                 outputs = decode_step(adapter.model, llm, generated, cache)
             if outputs is not None:

@@ -2,7 +2,8 @@
 
 Both paths decode the same prefill side by side, step by step (the stock step on a copy of the KV cache), for a
 padded batch whose samples kept different numbers of tokens: unpruned, a stage-2 drop (Nüwa, FastV: layers after
-the drop hold a shorter cache with their own padding), and stage 1 only. The built-in checkpoint is checked too.
+the drop hold a shorter cache with their own padding), and stage 1 only; the in-place KV buffers hold what the
+stock cache holds after every step, growing past their room. The built-in checkpoint is checked too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from models.budget import PruningConfig
 from models.builtin import BUILTIN_MODEL_DIR
 from models.clocks import StageClock
 from models.decoding import decode_step, greedy_decode
-from models.fast_decode import LlamaDecodeStep
+from models.fast_decode import KVBuffers, LlamaDecodeStep
 from models.llava import LlavaAdapter
 from models.loading import load_runner
 from models.qwen2_5_vl import Qwen2_5_VLAdapter
@@ -45,19 +46,20 @@ def _side_by_side(adapter, images, configs, steps: int = 5) -> list[float]:
     differences = []
     with torch.inference_mode():
         llm = adapter.prune(batch, configs)
-        cache = DynamicCache(config=adapter.model.config.text_config)
+        stock_cache = DynamicCache(config=adapter.model.config.text_config)
         try:
-            outputs = adapter.run_llm(llm, cache=cache, logits_to_keep=1)
+            outputs = adapter.run_llm(llm, cache=stock_cache, logits_to_keep=1)
             adapter.controller.end_prefill()
+            buffers = fast.buffers(copy.deepcopy(stock_cache), extra=steps)
             generated = outputs.logits[:, -1].argmax(dim=-1)[:, None]
             for _ in range(steps):
-                stock_cache = copy.deepcopy(cache)
                 stock = decode_step(adapter.model, llm, generated, stock_cache).logits[:, -1]
-                ours = fast(llm, generated, cache, adapter.controller.decode_key_valid)
+                ours = fast(llm, generated, buffers, adapter.controller.decode_key_valid)
                 differences.append(float((ours - stock).abs().max()))
-                assert [layer.keys.shape for layer in cache.layers] == [
-                    layer.keys.shape for layer in stock_cache.layers
-                ]
+                for index, layer in enumerate(stock_cache.layers):  # same cache contents, layer by layer
+                    length = buffers.get_seq_length(index)
+                    assert torch.equal(buffers.keys[index][:, :, :length], layer.keys)
+                    assert torch.equal(buffers.values[index][:, :, :length], layer.values)
                 generated = torch.cat([generated, ours.argmax(dim=-1)[:, None]], dim=1)
         finally:
             adapter.controller.finish()
@@ -83,7 +85,8 @@ def tiny_adapter() -> LlavaAdapter:
     ],
     ids=["unpruned", "mixed-drops", "stage1-only"],
 )
-def test_fast_step_equals_the_stock_forward_exactly(tiny_adapter, configs) -> None:
+def test_fast_step_equals_the_stock_forward_exactly(tiny_adapter, configs, monkeypatch) -> None:
+    monkeypatch.setattr(KVBuffers, "chunk", 2)  # the buffers grow twice in 5 steps
     differences = _side_by_side(tiny_adapter, _images(3, 112), configs)
     assert differences == [0.0] * 5
 
@@ -95,7 +98,15 @@ def test_builtin_checkpoint_fast_step_is_exact_and_used_by_generation() -> None:
     assert _side_by_side(adapter, _images(2, 336), configs, steps=4) == [0.0] * 4
     calls = []
     fast = adapter.fast_decode_step
-    adapter.fast_decode_step = lambda *args: calls.append(1) or fast(*args)
+
+    class Counting:
+        buffers = staticmethod(fast.buffers)
+
+        def __call__(self, *args):
+            calls.append(type(args[2]).__name__)
+            return fast(*args)
+
+    adapter.fast_decode_step = Counting()
     try:
         batch = adapter.prepare(_images(2, 336), PROMPTS[:2])
         with torch.inference_mode():
@@ -105,7 +116,7 @@ def test_builtin_checkpoint_fast_step_is_exact_and_used_by_generation() -> None:
             )
     finally:
         adapter.fast_decode_step = fast
-    assert len(calls) == 5  # every cached step after the prefill
+    assert calls == ["KVBuffers"] * 5  # every cached step after the prefill, on the in-place buffers
     assert [len(s) for s in sequences] == [6, 6]
 
 
