@@ -119,8 +119,8 @@ def side_by_side_tables(data: dict[str, Any]) -> str:
     rounds = sorted({p["round"] for p in points})
     lines = [
         f"Closed loop, every request its own image; `max_new_tokens` {data['max_new_tokens']}, "
-        f"{data['threads']} torch thread per model process; {len(rounds)} round(s) (round 2 in the reverse "
-        "order); throughput = answered requests / wall time of the point; ratio = mean throughput over the "
+        f"{data['threads']} torch thread per model process; {len(rounds)} round(s) (rounds 2, 4, ... in the "
+        "reverse order); throughput = answered requests / wall time of the point; ratio = mean throughput over the "
         "rounds / the peer's.",
         "",
         "| concurrency | server | req/s (per round) | **x peer** | p50 ms | p99 ms | mean batch | stage-1 tokens |",

@@ -17,8 +17,8 @@ scenes are square, so the peer's stock processor (resize + centre crop) and our 
 feed the vision tower the same pixels, and both servers must give the same answer: checked first on a few
 images (raw model output compared token string for token string).
 
-Per concurrency the order is peer, nuwa-serve unpruned, 50%, 25%; `--rounds 2` repeats everything in the reverse
-order (drift of the shared machine shows as a difference between rounds); the ratios use the mean throughput of
+Per concurrency the order is peer, nuwa-serve unpruned, 50%, 25%; `--rounds 2` (or more) repeats everything, every
+second round in the reverse order (drift of the shared machine shows as a difference between rounds); the ratios use the mean throughput of
 each server over the rounds.
 
 Usage: ``python -m bench.side_by_side --out bench/results/side_by_side.json``
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: built-in)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--scale", type=float, default=1.0, help="x the requests per point (smoke: 0.1)")
-    parser.add_argument("--rounds", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--rounds", type=int, default=1, choices=range(1, 7), metavar="1..6")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both model processes")
     parser.add_argument("--check-images", type=int, default=6)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     plan: list[tuple[int, int, str, list[Payload]]] = []
     for round_index in range(args.rounds):
         for concurrency in args.concurrency:
-            labels = [PEER, *NUWA_KINDS] if round_index == 0 else [*NUWA_KINDS, PEER]
+            labels = [PEER, *NUWA_KINDS] if round_index % 2 == 0 else [*NUWA_KINDS, PEER]
             for label in labels:
                 count = requests_at(concurrency, args.scale)
                 payloads = distinct_scenes(seeds.take(count), count, NUWA_KINDS.get(label, {}))
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": "2-core CPU shared with other work, no GPU",
         "threads": args.threads,
         "max_new_tokens": args.max_new_tokens,
-        "order": "per concurrency: peer, then the three nuwa-serve kinds (round 2: reversed)",
+        "order": "per concurrency: peer, then the three nuwa-serve kinds (rounds 2, 4, ...: reversed)",
         "nuwa_exit_code": nuwa_exit,
         "peer": {
             "what": "LitServe (litserve 0.2.19) LitAPI + transformers 5.23.0 LlavaForConditionalGeneration.generate "

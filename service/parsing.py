@@ -23,11 +23,11 @@ from typing import Any
 
 import pydantic
 from fastapi import Request
-from starlette.datastructures import UploadFile
 
 from models.budget import PruningConfig
 from models.methods import method_names
 from service.errors import BadRequestError, UnsupportedMediaError, ValidationFailedError
+from service.form_parser import FilePart, parse_form
 from service.offload import Offloader
 from service.settings import Settings
 
@@ -79,7 +79,7 @@ async def read_task_input(
     """
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        return await _read_form(request, text_field, settings, repeatable=list_field is not None)
+        return await _read_form(request, text_field, settings, offload, repeatable=list_field is not None)
     if content_type == "application/json" or content_type.endswith("+json"):
         body = await read_json_object(request, settings, offload)
         image = body.get("image")
@@ -176,17 +176,24 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
-async def _read_form(request: Request, text_field: str, settings: Settings, repeatable: bool) -> TaskInput:
-    await (
-        request.body()
-    )  # read (and size-check) the whole body first; the form parser then reads it from memory
-    max_bytes = settings.max_body_bytes
-    form = await request.form(max_files=2, max_fields=_MAX_FORM_FIELDS, max_part_size=max_bytes)
+async def _read_form(
+    request: Request, text_field: str, settings: Settings, offload: Offloader, repeatable: bool
+) -> TaskInput:
+    body = await request.body()  # read (and size-check) the whole body first; it is parsed from memory
+    form = await offload.run(
+        len(body),
+        parse_form,
+        body,
+        request.headers.get("content-type", ""),
+        2,
+        _MAX_FORM_FIELDS,
+        settings.max_body_bytes,
+    )
     image_bytes: bytes | None = None
     image_ref: str | None = None
     image = form.get("image")
-    if isinstance(image, UploadFile):
-        image_bytes = await image.read()
+    if isinstance(image, FilePart):
+        image_bytes = image.data
     elif isinstance(image, str) and image:
         image_ref = image
     texts = form.getlist(text_field)
