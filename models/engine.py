@@ -379,7 +379,11 @@ class VisionLanguageAdapter(ABC):
         first_of: dict[Any, int] = {}
         source = list(range(size))  # the sample whose encoding each sample uses
         to_encode: list[int] = []
-        for b, options in enumerate(candidates):
+        # Samples that need the similarity claim their image first, so one of the same image that needs none
+        # shares their encoding (an entry with the similarity serves both; one without serves only the latter).
+        order = sorted(range(size), key=lambda b: candidates[b] is not None and len(candidates[b]) > 1)
+        for b in order:
+            options = candidates[b]
             if options is None:
                 to_encode.append(b)
             elif (shared := next((first_of[k] for k in options if k in first_of), None)) is not None:
@@ -391,6 +395,7 @@ class VisionLanguageAdapter(ABC):
                 first_of[options[0]] = b
                 to_encode.append(b)
         if to_encode:
+            to_encode.sort()
             sub_batch = batch if len(to_encode) == size else self.vision_subset(batch, to_encode)
             fresh = self.encode_images(sub_batch, [configs[b] for b in to_encode])
             for b, value in zip(to_encode, fresh, strict=True):

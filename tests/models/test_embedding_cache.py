@@ -139,3 +139,24 @@ def test_encoded_nbytes_counts_every_tensor() -> None:
         grid=(2, 2),
     )
     assert encoded_nbytes(encoded) == 4 * 8 * 4 + 4 * 4 + 4 * 2 * 2
+
+
+def test_an_image_is_encoded_once_whichever_of_its_requests_needs_the_similarity(adapter) -> None:
+    """A request that reads no similarity shares the encoding of one that does, whatever their order."""
+    counter = _CountingVision(adapter)
+    image = _image(9)
+    configs = [PruningConfig(method="fastv", budget=0.5), PruningConfig(method="nuwa", budget=0.5)]
+    prompts = ["Locate the red square", "What color is the circle?"]
+    try:
+        shared = _generate(adapter, [image] * 2, prompts, configs, ["both"] * 2, cache=None)
+        alone = [
+            _generate(adapter, [image], [prompt], [config], [None], cache=None)
+            for prompt, config in zip(prompts, configs, strict=True)
+        ]
+    finally:
+        counter.restore()
+    assert shared.cache_status == ["hit", "miss"]
+    assert counter.images == 1 + 2
+    for b, single in enumerate(alone):
+        assert shared.sequences[b] == single.sequences[0]
+        assert shared.reports[b].kept == single.reports[0].kept
