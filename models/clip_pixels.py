@@ -41,8 +41,8 @@ class ClipPixels:
             return None
         if not isinstance(image_processor, PilBackend):
             return None  # e.g. the torchvision backend: its resize differs, keep it
-        size = _as_dict(getattr(image_processor, "size", None))
-        crop = _as_dict(getattr(image_processor, "crop_size", None))
+        size = getattr(image_processor, "size", None) or {}  # a dict or transformers' `SizeDict`: both `.get`
+        crop = getattr(image_processor, "crop_size", None) or {}
         side = size.get("shortest_edge")
         if (
             not getattr(image_processor, "do_resize", False)
@@ -87,19 +87,6 @@ class ClipPixels:
             for c in range(3):
                 np.take(self.table[c], pixels[..., c], out=out[b, c])
         return torch.from_numpy(out)
-
-
-def _as_dict(value: Any) -> dict[str, Any]:
-    """A processor size setting as a plain dict (`SizeDict`, dict or None)."""
-    if value is None:
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
-    return {
-        key: getattr(value, key)
-        for key in dir(value)
-        if not key.startswith("_") and not callable(getattr(value, key))
-    }
 
 
 __all__ = ["ClipPixels"]

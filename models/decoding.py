@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from transformers import DynamicCache
 
+from models.fast_decode import KVBuffers
+
 if TYPE_CHECKING:
     from models.clocks import Clock
     from models.engine import LLMInputs, VisionLanguageAdapter
@@ -86,7 +88,7 @@ def greedy_decode(
     cache = DynamicCache(config=adapter.model.config.text_config) if use_cache else None
     controller = adapter.controller
     fast_step = adapter.fast_decode_step if cache is not None else None
-    buffers = None  # the fast step's KV cache, made from the prefill's on the first step
+    buffers: KVBuffers | None = None  # the fast step's KV cache, made from the prefill's on the first step
     start = clock.now()
     try:
         for step in range(max(limits)):
@@ -97,7 +99,7 @@ def greedy_decode(
                 if all(finished):
                     break
             if cache is None or step == 0:
-                outputs = adapter.run_llm(llm, trailing=generated, cache=cache, logits_to_keep=1)
+                logits = adapter.run_llm(llm, trailing=generated, cache=cache, logits_to_keep=1).logits[:, -1]
                 if step == 0:
                     reports = adapter.reports(llm)
                     start = clock.add("prefill", start)
@@ -106,14 +108,11 @@ def greedy_decode(
                 if cache is None:
                     controller.finish()
             elif fast_step is not None:
-                outputs = None
                 if buffers is None:
-                    buffers = fast_step.buffers(cache, max(limits) - step)
+                    buffers = KVBuffers(cache, extra=max(limits) - step)
                 logits = fast_step(llm, generated, buffers, controller.decode_key_valid)
             else:
-                outputs = decode_step(adapter.model, llm, generated, cache)
-            if outputs is not None:
-                logits = outputs.logits[:, -1]
+                logits = decode_step(adapter.model, llm, generated, cache).logits[:, -1]
             next_tokens = logits.argmax(dim=-1)
             generated = torch.cat([generated, next_tokens[:, None]], dim=1)
             for b, token in enumerate(next_tokens.tolist()):

@@ -83,14 +83,9 @@ class KVBuffers:
 class LlamaDecodeStep:
     """`__call__(llm, generated, cache, key_valid)` -> `(B, vocab)` logits of the newest token of `generated`.
 
-    `cache` is the prefill's cache turned into `KVBuffers` (`buffers`), or any cache with `get_seq_length` and
-    `update` (transformers' `DynamicCache` works too, at the cost of its concatenations).
+    `cache` is the prefill's cache turned into `KVBuffers`, or any cache with `get_seq_length` and `update`
+    (transformers' `DynamicCache` works too, at the cost of its concatenations).
     """
-
-    @staticmethod
-    def buffers(cache: Any, extra: int) -> KVBuffers:
-        """The prefill's `DynamicCache` as in-place buffers with room for `extra` more tokens (see `KVBuffers`)."""
-        return KVBuffers(cache, extra)
 
     def __init__(self, model: torch.nn.Module, language_model: torch.nn.Module) -> None:
         self.language_model = language_model

@@ -185,9 +185,9 @@ async def _read_form(
         parse_form,
         body,
         request.headers.get("content-type", ""),
-        2,
-        _MAX_FORM_FIELDS,
-        settings.max_body_bytes,
+        max_files=2,
+        max_fields=_MAX_FORM_FIELDS,
+        max_part_size=settings.max_body_bytes,
     )
     image_bytes: bytes | None = None
     image_ref: str | None = None

@@ -75,21 +75,28 @@ def test_a_hit_skips_the_vision_tower_and_is_bit_identical(adapter, method: str)
     assert "vision" in hit.timings and hit.timings["vision"] < miss.timings["vision"]
 
 
-def test_the_same_image_in_one_batch_is_encoded_once(adapter) -> None:
+def _one_batch_and_alone(adapter, image: Image.Image, prompts: list[str], configs: list[PruningConfig]):
+    """The requests in one batch with one image key (no cache), then each alone; and the images encoded."""
     counter = _CountingVision(adapter)
-    image = _image(5)
-    configs = [PruningConfig(budget=0.5), PruningConfig(method="fastv", budget=0.5), PruningConfig()]
-    prompts = ["What color is the circle?", "Locate the red square", "How many triangles?"]
     try:
-        shared = _generate(adapter, [image] * 3, prompts, configs, ["same"] * 3, cache=None)
+        shared = _generate(
+            adapter, [image] * len(prompts), prompts, configs, ["same"] * len(prompts), cache=None
+        )
         alone = [
             _generate(adapter, [image], [prompt], [config], [None], cache=None)
             for prompt, config in zip(prompts, configs, strict=True)
         ]
     finally:
         counter.restore()
+    return shared, alone, counter.images
+
+
+def test_the_same_image_in_one_batch_is_encoded_once(adapter) -> None:
+    configs = [PruningConfig(budget=0.5), PruningConfig(method="fastv", budget=0.5), PruningConfig()]
+    prompts = ["What color is the circle?", "Locate the red square", "How many triangles?"]
+    shared, alone, images = _one_batch_and_alone(adapter, _image(5), prompts, configs)
     assert shared.cache_status == ["miss", "hit", "hit"]
-    assert counter.images == 1 + 3
+    assert images == 1 + 3
     for b, single in enumerate(alone):
         assert shared.reports[b].kept == single.reports[0].kept
         assert shared.reports[b].per_layer == single.reports[0].per_layer
@@ -143,20 +150,11 @@ def test_encoded_nbytes_counts_every_tensor() -> None:
 
 def test_an_image_is_encoded_once_whichever_of_its_requests_needs_the_similarity(adapter) -> None:
     """A request that reads no similarity shares the encoding of one that does, whatever their order."""
-    counter = _CountingVision(adapter)
-    image = _image(9)
     configs = [PruningConfig(method="fastv", budget=0.5), PruningConfig(method="nuwa", budget=0.5)]
     prompts = ["Locate the red square", "What color is the circle?"]
-    try:
-        shared = _generate(adapter, [image] * 2, prompts, configs, ["both"] * 2, cache=None)
-        alone = [
-            _generate(adapter, [image], [prompt], [config], [None], cache=None)
-            for prompt, config in zip(prompts, configs, strict=True)
-        ]
-    finally:
-        counter.restore()
+    shared, alone, images = _one_batch_and_alone(adapter, _image(9), prompts, configs)
     assert shared.cache_status == ["hit", "miss"]
-    assert counter.images == 1 + 2
+    assert images == 1 + 2
     for b, single in enumerate(alone):
         assert shared.sequences[b] == single.sequences[0]
         assert shared.reports[b].kept == single.reports[0].kept

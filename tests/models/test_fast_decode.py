@@ -50,7 +50,7 @@ def _side_by_side(adapter, images, configs, steps: int = 5) -> list[float]:
         try:
             outputs = adapter.run_llm(llm, cache=stock_cache, logits_to_keep=1)
             adapter.controller.end_prefill()
-            buffers = fast.buffers(copy.deepcopy(stock_cache), extra=steps)
+            buffers = KVBuffers(copy.deepcopy(stock_cache), extra=steps)
             generated = outputs.logits[:, -1].argmax(dim=-1)[:, None]
             for _ in range(steps):
                 stock = decode_step(adapter.model, llm, generated, stock_cache).logits[:, -1]
@@ -100,8 +100,6 @@ def test_builtin_checkpoint_fast_step_is_exact_and_used_by_generation() -> None:
     fast = adapter.fast_decode_step
 
     class Counting:
-        buffers = staticmethod(fast.buffers)
-
         def __call__(self, *args):
             calls.append(type(args[2]).__name__)
             return fast(*args)
