@@ -35,8 +35,6 @@ from service.scheduler import Admitted, RequestSpec, Scheduler, Submission
 
 logger = logging.getLogger(__name__)
 
-DISCONNECT_POLL_S = 0.1
-
 
 class ClientGoneError(Exception):
     """The client closed the connection before its answer was ready; nothing can be sent."""
@@ -236,8 +234,15 @@ async def _await_outcomes(
 
 
 async def _wait_disconnect(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(DISCONNECT_POLL_S)
+    """Return when the client goes away, without polling.
+
+    The route has read the whole body by now, so the server's `receive` only wakes for `http.disconnect`
+    (uvicorn answers it at once when the connection drops). Polling `Request.is_disconnected` every 100 ms
+    instead cost a quarter of the event loop's busy time on sequential requests, and a timer per waiting request
+    under load.
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def deadline_error(timeout_s: float, where: str) -> DeadlineExceededError:

@@ -20,7 +20,7 @@ from models.budget import PruningConfig
 from models.builtin import BUILTIN_MODEL_DIR
 from models.clocks import StageClock
 from models.decoding import decode_step, greedy_decode
-from models.fast_decode import KVBuffers, LlamaDecodeStep
+from models.fast_decode import FusedProjections, KVBuffers, LlamaDecodeStep
 from models.llava import LlavaAdapter
 from models.loading import load_runner
 from models.qwen2_5_vl import Qwen2_5_VLAdapter
@@ -124,3 +124,67 @@ def test_other_language_models_keep_the_stock_forward() -> None:
     model, processor = tiny_llava(seed=0)
     model.config.text_config._attn_implementation = "eager"
     assert LlamaDecodeStep.for_model(model) is None
+
+
+def test_fused_weights_are_the_modules_storage_and_leave_the_stock_forward_unchanged() -> None:
+    model, processor = tiny_llava(seed=3)
+    adapter = LlavaAdapter(model, processor)  # fuses on construction
+    fused = adapter.fast_decode_step.fused
+    assert fused is not None and len(fused) == len(adapter.fast_decode_step.layers)
+    twin, _ = tiny_llava(seed=3)  # the same weights, never fused
+    for layer, twin_layer, projections in zip(
+        adapter.fast_decode_step.layers, twin.model.language_model.layers, fused, strict=True
+    ):
+        attention, mlp = layer.self_attn, layer.mlp
+        parts = [attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj]
+        storages = {part.weight.untyped_storage().data_ptr() for part in parts[:3]}
+        assert storages == {projections.qkv.untyped_storage().data_ptr()}  # views, no second copy
+        assert {part.weight.untyped_storage().data_ptr() for part in parts[3:]} == {
+            projections.gate_up.untyped_storage().data_ptr()
+        }
+        twin_parts = [twin_layer.self_attn.q_proj, twin_layer.self_attn.k_proj, twin_layer.self_attn.v_proj]
+        twin_parts += [twin_layer.mlp.gate_proj, twin_layer.mlp.up_proj]
+        assert all(torch.equal(a.weight, b.weight) for a, b in zip(parts, twin_parts, strict=True))
+    ids = torch.randint(4, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = model.model.language_model(input_ids=ids).last_hidden_state
+        stock = twin.model.language_model(input_ids=ids).last_hidden_state
+    assert torch.equal(ours, stock)
+
+
+def test_fusion_check_can_refuse_and_the_separate_products_stay_exact(tiny_adapter, monkeypatch) -> None:
+    fast = tiny_adapter.fast_decode_step
+    assert fast.fused is not None
+    assert fast.fusion_is_exact(3)  # on this CPU the fused products are exact
+    monkeypatch.setattr(fast, "_exact_at", {3: False})  # a BLAS that orders the fused reduction differently
+    calls = []
+    monkeypatch.setattr(fast, "_fused_layer", lambda *args: calls.append(args))
+    configs = [PruningConfig(method="none"), PruningConfig(method="nuwa", budget=0.25)]
+    configs.append(PruningConfig(method="fastv", budget=0.5))
+    assert _side_by_side(tiny_adapter, _images(3, 112), configs) == [0.0] * 5
+    assert calls == []  # the separate-products layer ran every step
+
+
+def test_fusion_check_sees_a_different_reduction(tiny_adapter, monkeypatch) -> None:
+    fast = tiny_adapter.fast_decode_step
+    monkeypatch.setattr(fast, "_exact_at", {})
+    real_linear = torch.nn.functional.linear
+
+    def reordered(x, weight, bias=None):  # the fused product summed in another order: last bits differ
+        if weight is fast.fused[-1].gate_up:
+            return (real_linear(x.flip(-1), weight.flip(-1)) * 3.0) / 3.0
+        return real_linear(x, weight, bias)
+
+    monkeypatch.setattr("models.fast_decode.F.linear", reordered)
+    assert not fast.fusion_is_exact(2)
+
+
+def test_projections_with_a_bias_are_not_fused() -> None:
+    model, _ = tiny_llava(seed=0)
+    layer = model.model.language_model.layers[0]
+    layer.self_attn.q_proj.bias = torch.nn.Parameter(torch.zeros(layer.self_attn.q_proj.out_features))
+    before = layer.self_attn.q_proj.weight
+    assert FusedProjections.fuse(layer) is None
+    assert layer.self_attn.q_proj.weight is before
+    step = LlamaDecodeStep.for_model(model)
+    assert step is not None and step.fused is None  # the step still runs, on the separate modules

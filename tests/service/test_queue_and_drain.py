@@ -15,6 +15,9 @@ import pytest
 from tests.service.conftest import ServerProcess, serving
 from tests.service.helpers import assert_error, ground, metric, red_circle_png, scrape
 
+STALL = "stalls-the-worker"
+"""A phrase containing this holds its batch in the worker for 1 s (test-only `NUWA_FAULT_INJECTION`)."""
+
 # One request at a time, and a queue of at most 2000 estimated visual tokens (13 images of 144 tokens).
 SMALL_QUEUE = {
     "max_batch_size": "1",
@@ -23,6 +26,7 @@ SMALL_QUEUE = {
     "max_queue_visual_tokens": "2000",
     "retry_after_s": "2",
     "drain_timeout_s": "30",
+    "fault_injection": f"sleep:1:{STALL}",
 }
 
 
@@ -57,12 +61,14 @@ def test_full_visual_token_queue_answers_429_with_retry_after(small_server: Serv
 
 def test_client_that_leaves_is_dropped_from_the_queue(small_server: ServerProcess) -> None:
     png = red_circle_png()
-    # 12 requests ahead (one running, 11 queued: 1728 estimated visual tokens with this one, under the 2000
-    # limit) keep it queued for ~0.6 s even with the trained model's ~50 ms per request; it leaves after 0.2 s.
+    # The first request holds the worker for 1 s and the second fills the pipeline's second slot, so what
+    # comes next stays in the API's queue: two more requests, then this one, which leaves after 0.2 s.
     with small_server.client() as client, ThreadPoolExecutor(max_workers=12) as pool:
         before = metric(scrape(client), "nuwa_rejections_total", reason="client_disconnected")
-        busy = [pool.submit(ground, client, png, "the red circle", budget=16) for _ in range(12)]
-        time.sleep(0.2)
+        busy = [pool.submit(ground, client, png, f"the red circle {STALL}")]
+        time.sleep(0.1)
+        busy += [pool.submit(ground, client, png, "the red circle", budget=16) for _ in range(3)]
+        time.sleep(0.1)
         with small_server.client(timeout=0.2) as impatient, pytest.raises(httpx.ReadTimeout):
             ground(impatient, png, "the red circle", headers={"X-Request-Id": "impatient-1"})
         assert all(future.result(timeout=60).status_code == 200 for future in busy)
