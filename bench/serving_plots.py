@@ -117,27 +117,33 @@ def side_by_side_tables(data: dict[str, Any]) -> str:
     servers = list(dict.fromkeys(p["server"] for p in points))
     peer = next(s for s in servers if s.startswith("LitServe"))
     rounds = sorted({p["round"] for p in points})
+    ratios = {row["concurrency"]: row for row in data.get("ratios", [])}
     lines = [
         f"Closed loop, every request its own image; `max_new_tokens` {data['max_new_tokens']}, "
-        f"{data['threads']} torch thread per model process; {len(rounds)} round(s) (rounds 2, 4, ... in the "
-        "reverse order); throughput = answered requests / wall time of the point; ratio = mean throughput over the "
-        "rounds / the peer's.",
+        f"{data['threads']} torch thread per model process; {len(rounds)} round(s) per concurrency, back to back "
+        "(rounds 2, 4, ... in the reverse order), the peer frozen outside its points; throughput = answered "
+        "requests / wall time of the point; **x peer** = median over the rounds of the round's ratio (the kind's "
+        "req/s over the peer's in the same round; per round in brackets); of means = mean req/s over the peer's.",
         "",
-        "| concurrency | server | req/s (per round) | **x peer** | p50 ms | p99 ms | mean batch | stage-1 tokens |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| concurrency | server | req/s (per round) | **x peer** (per round) | of means | p50 ms | p99 ms "
+        "| mean batch | stage-1 tokens |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for concurrency in sorted({p["concurrency"] for p in points}):
-        peer_mean = statistics.fmean(
-            p["throughput_rps"] for p in points if p["server"] == peer and p["concurrency"] == concurrency
-        )
         for server in servers:
             mine = [p for p in points if p["server"] == server and p["concurrency"] == concurrency]
             mean = statistics.fmean(p["throughput_rps"] for p in mine)
-            ratio = "1.00" if server == peer else f"**{mean / peer_mean:.2f}**"
+            if server == peer:
+                ratio, of_means = "1.00", "1.00"
+            else:
+                row = ratios[concurrency][server]
+                per_round = ", ".join(f"{r:.2f}" for r in row.get("x_peer_per_round", []))
+                ratio = f"**{row['x_peer']:.2f}** ({per_round})"
+                of_means = f"{row.get('x_peer_of_means', row['x_peer']):.2f}"
             lines.append(
                 f"| {concurrency} | {server} | {mean:.2f} ("
                 + ", ".join(f"{p['throughput_rps']:.2f}" for p in mine)
-                + f") | {ratio} | "
+                + f") | {ratio} | {of_means} | "
                 + " / ".join(fmt(p["p50_ms"], 0) for p in mine)
                 + " | "
                 + " / ".join(fmt(p["p99_ms"], 0) for p in mine)

@@ -1,8 +1,8 @@
 """nuwa-serve against the plainest alternative, in ONE run: LitServe + transformers `generate()`, same checkpoint.
 
-Servers, alternating per point on the same machine: nuwa-serve stays up the whole run (idle it costs about 0.2%
-of a core), the peer is started for each of its points and stopped after it (LitServe's inference loop polls its
-queue and costs about 10% of a core while idle, which would slow nuwa-serve's points):
+Servers, alternating per point on the same machine, both up the whole run; the peer is frozen (SIGSTOP on its
+process group) outside its own points, because idle, LitServe's inference loop polls its queue and costs about
+10% of a core, which would slow nuwa-serve's points (idle nuwa-serve costs about 0.2% of a core):
 - peer: `bench/peer_litserve.py` in `.bench-venv` (LitServe dynamic batching, max_batch_size 8,
   batch_timeout 0.01 s, greedy `generate()`), unpruned (it cannot prune);
 - nuwa-serve: `python -m service`, defaults (max batch 8, max wait 10 ms, pipeline depth 2, embedding cache on),
@@ -17,9 +17,11 @@ scenes are square, so the peer's stock processor (resize + centre crop) and our 
 feed the vision tower the same pixels, and both servers must give the same answer: checked first on a few
 images (raw model output compared token string for token string).
 
-Per concurrency the order is peer, nuwa-serve unpruned, 50%, 25%; `--rounds 2` (or more) repeats everything, every
-second round in the reverse order (drift of the shared machine shows as a difference between rounds); the ratios use the mean throughput of
-each server over the rounds.
+Pairing, because the shared machine's speed drifts by 10-30% within minutes: per concurrency, `--rounds`
+rounds run back to back (the peer, then nuwa-serve unpruned, 50%, 25%; every second round in the reverse
+order), so the points one ratio compares ran within a few seconds of each other. A round's ratio is a kind's
+throughput over the peer's in that round; the reported ratio is the median of the rounds' ratios (a slow moment
+that hits one point of one round moves it less than it moves a mean), next to the ratio of the mean throughputs.
 
 Usage: ``python -m bench.side_by_side --out bench/results/side_by_side.json``
 """
@@ -138,54 +140,50 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("rendering images (each request its own)")
     check = distinct_scenes(seeds.take(args.check_images), args.check_images)
     nuwa_warm = distinct_scenes(seeds.take(16), 16, {"method": "none"})
-    # (round, concurrency, label, payloads); per round and concurrency the peer first in round 0, last in round 1
+    # (concurrency, round, label, payloads): per concurrency its rounds back to back, so paired points are close
     plan: list[tuple[int, int, str, list[Payload]]] = []
-    for round_index in range(args.rounds):
-        for concurrency in args.concurrency:
+    for concurrency in args.concurrency:
+        for round_index in range(args.rounds):
             labels = [PEER, *NUWA_KINDS] if round_index % 2 == 0 else [*NUWA_KINDS, PEER]
             for label in labels:
                 count = requests_at(concurrency, args.scale)
                 payloads = distinct_scenes(seeds.take(count), count, NUWA_KINDS.get(label, {}))
-                plan.append((round_index, concurrency, label, payloads))
-    peer_warm = {
-        (r, c): distinct_scenes(seeds.take(16), 16) for r in range(args.rounds) for c in args.concurrency
-    }
+                plan.append((concurrency, round_index, label, payloads))
+    peer_warm = distinct_scenes(seeds.take(16), 16)
     logger.info("rendered %d images in %.0f s", seeds.next_seed - 1000, time.monotonic() - started)
 
-    # nuwa-serve stays up the whole run (idle it costs ~0.2% of a core); the peer is started for its own point
-    # only (idle, LitServe's polling loop costs ~10% of a core, which would slow nuwa-serve's points).
     points: list[dict[str, Any]] = []
     checks: list[dict[str, Any]] = []
     nuwa = start_service(
         model_dir, log_dir, "nuwa", max_new_tokens=str(args.max_new_tokens), torch_threads=str(args.threads)
     )
+    peer = start_peer(
+        model_dir, log_dir / "peer.log", max_new_tokens=args.max_new_tokens, threads=args.threads
+    )
     try:
         nuwa.wait_ready()
+        peer.wait_ready()
         warm(nuwa.base_url, nuwa_warm, {"method": "none"})
-        loads.gate()  # before the first peer start: an idle peer polls and would hold the load average up
-        for index, (round_index, concurrency, label, payloads) in enumerate(plan):
-            key = f"r{round_index}:c{concurrency}:{label}"
+        warm(peer.base_url, peer_warm, {})
+        if args.check_images:
+            checks = same_answers(peer.base_url, nuwa.base_url, check)
+            logger.info("same answers: %d of %d", sum(c["same"] for c in checks), len(checks))
+        peer.freeze()
+        loads.gate()  # with the peer frozen: its idle polling would hold the load average up
+        for concurrency, round_index, label, payloads in plan:
+            key = f"c{concurrency}:r{round_index}:{label}"
             if label == PEER:
-                peer = start_peer(
-                    model_dir,
-                    log_dir / f"peer-{index}.log",
-                    max_new_tokens=args.max_new_tokens,
-                    threads=args.threads,
-                )
+                peer.thaw()
                 try:
-                    peer.wait_ready()
-                    warm(peer.base_url, peer_warm[(round_index, concurrency)], {})
-                    if not checks and args.check_images:
-                        checks = same_answers(peer.base_url, nuwa.base_url, check)
-                        logger.info("same answers: %d of %d", sum(c["same"] for c in checks), len(checks))
                     point = measure(peer.base_url, label, payloads, concurrency, loads, key)
                 finally:
-                    peer.stop()
+                    peer.freeze()
             else:
                 point = measure(nuwa.base_url, label, payloads, concurrency, loads, key)
             point["round"] = round_index
             points.append(point)
     finally:
+        peer.stop()
         nuwa_exit = nuwa.stop()
 
     ratios = []
@@ -195,10 +193,30 @@ def main(argv: list[str] | None = None) -> None:
             values = [p["throughput_rps"] for p in points if p["server"] == label and p["concurrency"] == c]
             return statistics.fmean(values)
 
-        peer = mean_rps(PEER)
-        row = {"concurrency": concurrency, "peer_rps": round(peer, 3)}
+        def per_round(label: str, c: int = concurrency) -> list[float]:
+            """This kind's throughput over the peer's, round by round."""
+            ours = {
+                p["round"]: p["throughput_rps"]
+                for p in points
+                if p["server"] == label and p["concurrency"] == c
+            }
+            peers = {
+                p["round"]: p["throughput_rps"]
+                for p in points
+                if p["server"] == PEER and p["concurrency"] == c
+            }
+            return [ours[r] / peers[r] for r in sorted(ours) if r in peers]
+
+        peer_rps = mean_rps(PEER)
+        row: dict[str, Any] = {"concurrency": concurrency, "peer_rps": round(peer_rps, 3)}
         for label in NUWA_KINDS:
-            row[label] = {"rps": round(mean_rps(label), 3), "x_peer": round(mean_rps(label) / peer, 3)}
+            rounds = per_round(label)
+            row[label] = {
+                "rps": round(mean_rps(label), 3),
+                "x_peer": round(statistics.median(rounds), 3),
+                "x_peer_per_round": [round(r, 3) for r in rounds],
+                "x_peer_of_means": round(mean_rps(label) / peer_rps, 3),
+            }
         ratios.append(row)
         logger.info("ratios %s", row)
 
@@ -207,7 +225,9 @@ def main(argv: list[str] | None = None) -> None:
         "machine": "2-core CPU shared with other work, no GPU",
         "threads": args.threads,
         "max_new_tokens": args.max_new_tokens,
-        "order": "per concurrency: peer, then the three nuwa-serve kinds (rounds 2, 4, ...: reversed)",
+        "order": "per concurrency, its rounds back to back; per round: peer, then the three nuwa-serve kinds "
+        "(rounds 2, 4, ...: reversed); the peer frozen (SIGSTOP) outside its points",
+        "ratio": "x_peer = median over rounds of (kind's req/s / the peer's req/s in the same round)",
         "nuwa_exit_code": nuwa_exit,
         "peer": {
             "what": "LitServe (litserve 0.2.19) LitAPI + transformers 5.23.0 LlavaForConditionalGeneration.generate "
