@@ -161,12 +161,18 @@ class VisionLanguageAdapter(ABC):
     fallback_template: str = "{prompt}"
     """The family's one-image chat format, for a checkpoint that ships no chat template (`format_prompt`)."""
 
-    def __init__(self, model: torch.nn.Module, processor: Any) -> None:
+    def __init__(self, model: torch.nn.Module, processor: Any, fast_paths: bool = True) -> None:
         self.model = model
         self.processor = processor
+        self.fast_paths = fast_paths
+        """Use the serving-path equivalences (each tested bit-exact against the stock code: the family's own
+        preprocessing and vision shortcuts, and `fast_decode_step`); False runs the stock code everywhere, as an
+        escape hatch should a transformers version change what they mirror (`NUWA_FAST_PATHS`)."""
         enable_probes(model)
         self.controller = LayerDropController(self.decoder_layers)
-        self.fast_decode_step: LlamaDecodeStep | None = LlamaDecodeStep.for_model(model)
+        self.fast_decode_step: LlamaDecodeStep | None = (
+            LlamaDecodeStep.for_model(model) if fast_paths else None
+        )
         """Cached decode steps without the model stack (`models.fast_decode`); None = the stock forward."""
 
     @property

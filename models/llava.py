@@ -139,8 +139,8 @@ class LlavaAdapter(VisionLanguageAdapter):
     family = "llava"
     fallback_template = LLAVA_FALLBACK_TEMPLATE
 
-    def __init__(self, model: torch.nn.Module, processor: Any) -> None:
-        super().__init__(model, processor)
+    def __init__(self, model: torch.nn.Module, processor: Any, fast_paths: bool = True) -> None:
+        super().__init__(model, processor, fast_paths)
         strategy = model.config.vision_feature_select_strategy
         layer = model.config.vision_feature_layer
         if strategy != "default" or not isinstance(layer, int) or layer == 0:
@@ -151,7 +151,7 @@ class LlavaAdapter(VisionLanguageAdapter):
         self.vision_feature_layer = layer
         align_processor_with_model(model, processor)
         self.tokenizer.padding_side = "left"
-        self.clip_pixels = ClipPixels.from_processor(processor.image_processor)
+        self.clip_pixels = ClipPixels.from_processor(processor.image_processor) if fast_paths else None
 
     # ---- family hooks ----------------------------------------------------------------------------------------
     @property
@@ -289,7 +289,7 @@ class LlavaAdapter(VisionLanguageAdapter):
             and hasattr(vision_model, "pre_layrnorm")
             and getattr(getattr(vision_model, "encoder", None), "layers", None) is layers
         )
-        if not stock_layout or last_layer >= len(layers) - 1:
+        if not self.fast_paths or not stock_layout or last_layer >= len(layers) - 1:
             tower(pixel_values, return_dict=True)
             return
         hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))

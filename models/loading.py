@@ -44,12 +44,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_runner(model_dir: str | os.PathLike[str] = "builtin", device: str = "auto") -> ModelRunner:
+def load_runner(
+    model_dir: str | os.PathLike[str] = "builtin", device: str = "auto", fast_paths: bool = True
+) -> ModelRunner:
     """Load the model + processor from a local directory and wrap them for serving.
 
     Args:
         model_dir: `builtin` or a local checkpoint directory (Qwen3-VL dense or MoE, Qwen2.5-VL or LLaVA-1.5).
         device: `auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ...
+        fast_paths: The adapter's serving-path equivalences (`VisionLanguageAdapter.fast_paths`).
 
     Returns:
         A `ModelRunner` whose `run(tasks)` executes batched, per-request pruned generation, with the calibrated
@@ -75,7 +78,7 @@ def load_runner(model_dir: str | os.PathLike[str] = "builtin", device: str = "au
 
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
         processor = AutoProcessor.from_pretrained(path)
-        adapter = LlavaAdapter(model.to(target).eval(), processor)
+        adapter = LlavaAdapter(model.to(target).eval(), processor, fast_paths)
     elif model_type == "qwen2_5_vl":
         from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -83,7 +86,7 @@ def load_runner(model_dir: str | os.PathLike[str] = "builtin", device: str = "au
 
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
         processor = Qwen2_5_VLImageOnlyProcessor.from_pretrained(path)
-        adapter = Qwen2_5_VLAdapter(model.to(target).eval(), processor)
+        adapter = Qwen2_5_VLAdapter(model.to(target).eval(), processor, fast_paths)
     elif model_type in ("qwen3_vl", "qwen3_vl_moe"):  # dense and MoE: one adapter
         from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
@@ -93,13 +96,20 @@ def load_runner(model_dir: str | os.PathLike[str] = "builtin", device: str = "au
         model_class = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
         model = model_class.from_pretrained(path, dtype=dtype)
         processor = Qwen3VLImageOnlyProcessor.from_pretrained(path)
-        adapter = Qwen3VLAdapter(model.to(target).eval(), processor)
+        adapter = Qwen3VLAdapter(model.to(target).eval(), processor, fast_paths)
     else:
         raise ValueError(
             f"unsupported model_type {model_type!r} in {path}; supported: {', '.join(MODEL_TYPES)}"
         )
     plans = PlanTable.for_model(path)
-    logger.info("loaded %s (%s) on %s, %d calibrated plans", path.name, model_type, target, len(plans))
+    logger.info(
+        "loaded %s (%s) on %s, %d calibrated plans, fast paths %s",
+        path.name,
+        model_type,
+        target,
+        len(plans),
+        "on" if fast_paths else "off",
+    )
     return ModelRunner(adapter, name=path.name, plans=plans)
 
 

@@ -135,8 +135,8 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
     family = "qwen2_5_vl"
     fallback_template = QWEN_FALLBACK_TEMPLATE
 
-    def __init__(self, model: torch.nn.Module, processor: Any) -> None:
-        super().__init__(model, processor)
+    def __init__(self, model: torch.nn.Module, processor: Any, fast_paths: bool = True) -> None:
+        super().__init__(model, processor, fast_paths)
         self.tokenizer.padding_side = "left"
         vision = model.config.vision_config
         self.merge_size = int(vision.spatial_merge_size)

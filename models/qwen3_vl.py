@@ -133,8 +133,8 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
 
     family = "qwen3_vl"
 
-    def __init__(self, model: torch.nn.Module, processor: Any) -> None:
-        super().__init__(model, processor)
+    def __init__(self, model: torch.nn.Module, processor: Any, fast_paths: bool = True) -> None:
+        super().__init__(model, processor, fast_paths)
         self.deepstack_levels = len(model.config.vision_config.deepstack_visual_indexes)
         self.llm_width = int(model.config.text_config.hidden_size)
         self.deepstack = DeepStackInjector(self.decoder_layers, self.controller, self.deepstack_levels)

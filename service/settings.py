@@ -33,6 +33,11 @@ class Settings(BaseSettings):
         default="auto", description='"auto" (CUDA when present, else CPU), "cpu" or "cuda:N".'
     )
     torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads in the worker.")
+    fast_paths: bool = Field(
+        default=True,
+        description="The model path's bit-exact shortcuts (CLIP pixels, CLIP tower stop, Llama decode steps); "
+        "false runs the stock transformers code everywhere.",
+    )
     worker_start_timeout_s: float = Field(
         default=300.0, gt=0, description="Load + warm-up longer than this counts as a failed worker start."
     )

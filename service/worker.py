@@ -93,7 +93,7 @@ def _load(settings: Settings) -> tuple[ModelRunner, WorkerReady]:
     from models.loading import load_runner, resolve_model_dir
 
     started = time.monotonic()
-    runner = load_runner(settings.model, device=settings.device)
+    runner = load_runner(settings.model, device=settings.device, fast_paths=settings.fast_paths)
     loaded = time.monotonic()
     runner.warmup()
     warmed = time.monotonic()
