@@ -189,33 +189,27 @@ def main(argv: list[str] | None = None) -> None:
     ratios = []
     for concurrency in args.concurrency:
 
-        def mean_rps(label: str, c: int = concurrency) -> float:
-            values = [p["throughput_rps"] for p in points if p["server"] == label and p["concurrency"] == c]
-            return statistics.fmean(values)
-
-        def per_round(label: str, c: int = concurrency) -> list[float]:
-            """This kind's throughput over the peer's, round by round."""
-            ours = {
+        def by_round(label: str, c: int = concurrency) -> dict[int, float]:
+            """Round -> throughput of `label` at this concurrency."""
+            return {
                 p["round"]: p["throughput_rps"]
                 for p in points
                 if p["server"] == label and p["concurrency"] == c
             }
-            peers = {
-                p["round"]: p["throughput_rps"]
-                for p in points
-                if p["server"] == PEER and p["concurrency"] == c
-            }
-            return [ours[r] / peers[r] for r in sorted(ours) if r in peers]
 
-        peer_rps = mean_rps(PEER)
+        peer = by_round(PEER)
+        peer_rps = statistics.fmean(peer.values())
         row: dict[str, Any] = {"concurrency": concurrency, "peer_rps": round(peer_rps, 3)}
         for label in NUWA_KINDS:
-            rounds = per_round(label)
+            ours = by_round(label)
+            rounds = [
+                ours[r] / peer[r] for r in sorted(ours) if r in peer
+            ]  # the kind over the peer, per round
             row[label] = {
-                "rps": round(mean_rps(label), 3),
+                "rps": round(statistics.fmean(ours.values()), 3),
                 "x_peer": round(statistics.median(rounds), 3),
                 "x_peer_per_round": [round(r, 3) for r in rounds],
-                "x_peer_of_means": round(mean_rps(label) / peer_rps, 3),
+                "x_peer_of_means": round(statistics.fmean(ours.values()) / peer_rps, 3),
             }
         ratios.append(row)
         logger.info("ratios %s", row)

@@ -17,9 +17,9 @@ values through the views). A step then runs 3 matrix products per layer instead 
 once for the query and key heads together. That is used for a batch size only after the fused products gave the
 separate ones' results to the last bit on a random probe at that size (`LlamaDecodeStep.fusion_is_exact`):
 a BLAS may order a reduction differently for another output width, and then that size keeps the separate
-products. Measured on the built-in model (1 CPU thread, alternated, 21 repeats): with `rms_norm` below, a step
-takes 0.83x the time of the step before these changes at batch 1 and 0.87x at batch 8; the fused products alone
-account for 0.90x / 0.89x of it.
+products. Measured on the built-in model (1 CPU thread, alternated, 21 repeats, three runs): with `rms_norm`
+below, a step takes 0.83-0.85x the time of the step before these changes at batch 1 and 0.87-0.93x at batch 8;
+the fused products alone account for 0.90x / 0.89x of it.
 
 How it stays identical: the same modules and functions do the arithmetic in the same order as
 `LlamaDecoderLayer` and `LlamaAttention` (the layer's own norm weights through `rms_norm`, which is
@@ -112,10 +112,7 @@ class FusedProjections:
             [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)],
         ]
         modules = [module for group in groups for module in group]
-        called_directly = [attention.o_proj, getattr(mlp, "down_proj", None)]  # through `F.linear` as well
-        if any(type(module) is not torch.nn.Linear for module in [*modules, *called_directly]):
-            return None
-        if any(module.bias is not None for module in modules):
+        if any(type(module) is not torch.nn.Linear or module.bias is not None for module in modules):
             return None
         weights = [module.weight for module in modules]
         if len({(w.device, w.dtype, w.shape[1]) for w in weights}) != 1 or weights[0].device.type == "meta":
@@ -210,7 +207,7 @@ class LlamaDecodeStep:
         position = llm.position_ids[..., -1:] + generated.shape[1]
         cos, sin = self.language_model.rotary_emb(hidden, position)
         if fused is not None:
-            # per head (B, 1, 1, D), and rotate_half's negation moved onto sin (see `_fused_layer`)
+            # per head (B, 1, 1, D), and rotate_half's negation moved onto sin (see `_fused_qkv`)
             half = sin.shape[-1] // 2
             cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
         prompt_valid = llm.attention_mask.bool()
@@ -220,12 +217,8 @@ class LlamaDecodeStep:
             base = prompt_valid if segment is None else segment
             if id(base) not in masks:
                 masks[id(base)] = self._mask(base, cache.get_seq_length(index) + 1, segment is None)
-            if fused is None:
-                hidden = self._layer(layer, hidden, cos, sin, masks[id(base)], cache, index, batch)
-            else:
-                hidden = self._fused_layer(
-                    layer, fused[index], hidden, cos, sin, masks[id(base)], cache, index
-                )
+            projections = None if fused is None else fused[index]
+            hidden = self._layer(layer, projections, hidden, cos, sin, masks[id(base)], cache, index)
         hidden = rms_norm(self.language_model.norm, hidden)
         return self.lm_head(hidden)[:, -1]
 
@@ -273,43 +266,51 @@ class LlamaDecodeStep:
     def _layer(
         self,
         layer: torch.nn.Module,
+        fused: FusedProjections | None,
         hidden: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: Any,
         index: int,
-        batch: int,
     ) -> torch.Tensor:
-        """`LlamaDecoderLayer.forward` for one new token per sample, the same operations in the same order."""
+        """`LlamaDecoderLayer.forward` for one new token per sample, the same operations in the same order.
+
+        With `fused`, the q/k/v and gate/up products come from the fused tensors (3 products instead of 7, the
+        same values element for element) and `cos`/`sin` are in the form `__call__` gives them (`_fused_qkv`).
+        """
         attention = layer.self_attn
+        batch = hidden.shape[0]
         residual = hidden
         hidden = rms_norm(layer.input_layernorm, hidden)
-        shape = (batch, 1, -1, attention.head_dim)
-        query = attention.q_proj(hidden).view(shape).transpose(1, 2)
-        key = attention.k_proj(hidden).view(shape).transpose(1, 2)
-        value = attention.v_proj(hidden).view(shape).transpose(1, 2)
-        query, key = self.apply_rotary(query, key, cos, sin)
+        if fused is None:
+            shape = (batch, 1, -1, attention.head_dim)
+            query = attention.q_proj(hidden).view(shape).transpose(1, 2)
+            key = attention.k_proj(hidden).view(shape).transpose(1, 2)
+            value = attention.v_proj(hidden).view(shape).transpose(1, 2)
+            query, key = self.apply_rotary(query, key, cos, sin)
+        else:
+            query, key, value = self._fused_qkv(attention, fused, hidden, cos, sin)
         key, value = cache.update(key, value, index)
         output, _ = self.attention(attention, query, key, value, mask, dropout=0.0, scaling=attention.scaling)
         output = attention.o_proj(output.reshape(batch, 1, -1).contiguous())
         hidden = residual + output
         residual = hidden
         hidden = rms_norm(layer.post_attention_layernorm, hidden)
-        return residual + layer.mlp(hidden)
+        if fused is None:
+            return residual + layer.mlp(hidden)
+        gate, up = F.linear(hidden, fused.gate_up).chunk(2, dim=-1)
+        return residual + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
-    def _fused_layer(
-        self,
-        layer: torch.nn.Module,
+    @staticmethod
+    def _fused_qkv(
+        attention: torch.nn.Module,
         fused: FusedProjections,
         hidden: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: Any,
-        index: int,
-    ) -> torch.Tensor:
-        """`_layer` with the fused products: the same values, element for element, from 3 products instead of 7.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query and key (rotated) and value `(B, heads, 1, D)` from the one fused product.
 
         The rotary embedding is `apply_rotary_pos_emb`'s arithmetic, `x * cos + rotate_half(x) * sin` with
         `rotate_half(x) = cat(-x2, x1)`, on the query and key heads at once, written as
@@ -317,31 +318,14 @@ class LlamaDecodeStep:
         factors' signs, so `(-a) * b == a * (-b)` bit for bit, and the halves swap in one `roll`. `cos` and `sin`
         come in that form from `__call__`, once per step.
         """
-        attention = layer.self_attn
         heads = attention.q_proj.weight.shape[0] // attention.head_dim
         kv_heads = attention.k_proj.weight.shape[0] // attention.head_dim
-        residual = hidden
-        hidden = rms_norm(layer.input_layernorm, hidden)
         projected = (
             F.linear(hidden, fused.qkv).view(hidden.shape[0], 1, -1, attention.head_dim).transpose(1, 2)
         )
         query_key = projected[:, : heads + kv_heads]
         rotated = query_key * cos + query_key.roll(query_key.shape[-1] // 2, dims=-1) * sin
-        key, value = cache.update(rotated[:, heads:], projected[:, heads + kv_heads :], index)
-        output, _ = self.attention(
-            attention, rotated[:, :heads], key, value, mask, dropout=0.0, scaling=attention.scaling
-        )
-        output = F.linear(
-            output.reshape(hidden.shape[0], 1, -1).contiguous(),
-            attention.o_proj.weight,
-            attention.o_proj.bias,
-        )
-        hidden = residual + output
-        residual = hidden
-        hidden = rms_norm(layer.post_attention_layernorm, hidden)
-        gate, up = F.linear(hidden, fused.gate_up).chunk(2, dim=-1)
-        down = layer.mlp.down_proj
-        return residual + F.linear(layer.mlp.act_fn(gate) * up, down.weight, down.bias)
+        return rotated[:, :heads], rotated[:, heads:], projected[:, heads + kv_heads :]
 
 
 __all__ = ["FusedProjections", "KVBuffers", "KeyValid", "LlamaDecodeStep"]

@@ -158,7 +158,7 @@ def test_fusion_check_can_refuse_and_the_separate_products_stay_exact(tiny_adapt
     assert fast.fusion_is_exact(3)  # on this CPU the fused products are exact
     monkeypatch.setattr(fast, "_exact_at", {3: False})  # a BLAS that orders the fused reduction differently
     calls = []
-    monkeypatch.setattr(fast, "_fused_layer", lambda *args: calls.append(args))
+    monkeypatch.setattr(fast, "_fused_qkv", lambda *args: calls.append(args))
     configs = [PruningConfig(method="none"), PruningConfig(method="nuwa", budget=0.25)]
     configs.append(PruningConfig(method="fastv", budget=0.5))
     assert _side_by_side(tiny_adapter, _images(3, 112), configs) == [0.0] * 5
