@@ -32,6 +32,9 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
         http=guarded_protocol(settings),
+        # uvloop when installed (a project dependency on Linux): its socket reads and callbacks are C, which took
+        # about 3.5 ms off a 3 MB upload's server time and 0.3 ms off a small one (docs/BENCHMARKS.md 7.1)
+        loop="auto",
         log_config=None,
         access_log=False,
         lifespan="on",

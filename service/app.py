@@ -7,6 +7,8 @@ after spawn. `on_fatal` is called when the worker cannot be started at all (the 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -27,10 +29,17 @@ from service.scheduler import Scheduler
 from service.settings import Settings
 from service.supervisor import Supervisor
 
+logger = logging.getLogger(__name__)
+
 DESCRIPTION = """Visual grounding and VQA with a per-request visual-token budget (Nüwa pruning).
 
 Boxes come back in original image pixels; every response reports the visual tokens kept at each stage and a
 per-stage latency breakdown. See docs/API.md for the full contract, limits and error codes."""
+
+
+def event_loop_name() -> str:
+    """ "uvloop" or "asyncio": which loop uvicorn chose (`loop="auto"` takes uvloop whenever it is installed)."""
+    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
 
 
 def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
@@ -41,6 +50,7 @@ def create_app(settings: Settings, on_fatal: Callable[[str], None] | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logger.info("API process on the %s event loop", event_loop_name())
         supervisor = Supervisor(settings, metrics, on_fatal=on_fatal)
         scheduler = Scheduler(settings, metrics, supervisor)
         app.state.supervisor = supervisor

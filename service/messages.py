@@ -73,6 +73,11 @@ class RunBatch:
     items: tuple[WorkItem, ...]
     sent_at: float
 
+    def wire_size_hint(self) -> int:
+        """The encoded images' bytes: what decides whether the event loop may pickle this batch itself
+        (`service.outbox`)."""
+        return sum(len(item.image.data) for item in self.items)
+
 
 @dataclass(frozen=True)
 class Cancel:

@@ -1,35 +1,78 @@
-"""The one writer of a pipe end: every message to the other process goes through one thread, in order.
+"""The one writer of a pipe end: every message to the other process leaves in order, whole, and never blocks.
 
-Why: `Connection.send` from two threads at once can interleave two pickled frames and corrupt the stream (the old
-shutdown sent `Shutdown` from one thread while a batch was still being written from another). With an outbox,
-callers only enqueue; the writer thread sends one whole message after another, and `close` flushes what was
-enqueued before it. Used on both sides: the API's batch pipe and the worker's batch pipe.
+Why a writer thread at all: `Connection.send` from two threads at once can interleave two pickled frames and
+corrupt the stream (the old shutdown sent `Shutdown` from one thread while a batch was still being written from
+another), and a blocking write of a big batch into a full pipe must never stall the event loop. So callers only
+hand messages over; the writer thread sends one whole message after another, and `close` flushes what was handed
+over before it. Used on both sides: the API's batch pipe and the worker's batch pipe.
+
+Why not ALWAYS the thread: waking it costs a thread hand-off (0.2-0.3 ms on a busy 2-core machine, and the
+GIL passed back and forth), on every batch and on every answer. So a small message (`inline_max_bytes`, judged
+by `wire_size_hint` before anything is pickled) that finds the writer idle is written by the caller itself, with
+one non-blocking `send`. Whatever part of the frame the socket does not take at once goes to the writer thread,
+and everything after it queues behind it, so order and frame boundaries hold either way and the caller never
+waits on the other process. The frames are the ones `Connection.send` writes (`Connection.recv` reads them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import socket
+import struct
 import threading
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 logger = logging.getLogger(__name__)
 
+INLINE_MAX_BYTES = 256 * 1024
+"""Messages whose `wire_size_hint` is at most this are written by the caller when the writer is idle."""
+
 _CLOSE = object()
+_LARGE_FRAME = 0x7FFFFFFF  # Connection's own threshold for its 8-byte length header
+
+
+def wire_size_hint(message: object) -> int:
+    """Bytes a message carries beyond its fixed fields (the images of a batch); 0 for small control messages.
+
+    Judged without pickling, so that a big batch is pickled by the writer thread, never by the event loop.
+    """
+    hint = getattr(message, "wire_size_hint", None)
+    return int(hint()) if callable(hint) else 0
+
+
+def frame(message: object) -> bytes:
+    """`message` as the bytes `Connection.send` would write: length header + pickle."""
+    payload = bytes(ForkingPickler.dumps(message))
+    if len(payload) > _LARGE_FRAME:
+        return struct.pack("!i", -1) + struct.pack("!Q", len(payload)) + payload
+    return struct.pack("!i", len(payload)) + payload
 
 
 class Outbox:
-    """A writer thread that owns `conn`'s sending side.
+    """The owner of `conn`'s sending side (see the module docstring).
 
     Args:
-        conn: The pipe end (nothing else may call its `send`).
+        conn: The pipe end (nothing else may write to it).
         name: Thread name, for logs.
+        inline_max_bytes: The largest `wire_size_hint` the caller writes itself; 0 sends everything through
+            the thread. Inline writes need `conn` to be a socket (multiprocessing's duplex pipes on POSIX are);
+            other pipes always use the thread.
     """
 
-    def __init__(self, conn: Connection, name: str) -> None:
+    def __init__(self, conn: Connection, name: str, inline_max_bytes: int = INLINE_MAX_BYTES) -> None:
         self._conn = conn
+        self._socket = _socket_of(conn)
+        self._inline_max = inline_max_bytes if self._socket is not None else -1
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending = 0  # handed to the thread and not yet written (guarded by _lock)
         self._broken: BaseException | None = None
+        self.inline_sends = 0
+        """How many messages were written whole by their caller (for tests and profiling)."""
         self._thread = threading.Thread(target=self._write, name=name, daemon=True)
         self._thread.start()
 
@@ -39,27 +82,111 @@ class Outbox:
         return self._broken
 
     def send(self, message: object) -> None:
-        """Enqueue `message` (returns at once; a broken pipe is logged, and later messages are dropped)."""
+        """Write or enqueue `message`; returns at once. A broken pipe is logged once, later messages are dropped."""
+        if self._broken is not None:
+            return
+        if wire_size_hint(message) <= self._inline_max:
+            with self._lock:
+                if self._pending == 0:
+                    self._send_inline(frame(message))
+                    return
+                self._pending += 1
+        else:
+            with self._lock:
+                self._pending += 1
         self._queue.put(message)
 
     def close(self, timeout_s: float = 5.0) -> bool:
-        """Send what was enqueued, then stop; True when everything was written within `timeout_s`."""
+        """Send what was handed over, then stop; True when everything was written within `timeout_s`."""
         self._queue.put(_CLOSE)
         self._thread.join(timeout_s)
         return not self._thread.is_alive() and self._broken is None
+
+    def _send_inline(self, data: bytes) -> None:
+        """Under the lock, writer idle: one non-blocking send; the rest of the frame goes to the thread."""
+        assert self._socket is not None
+        try:
+            sent = self._socket.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._fail(exc, "a message")
+            return
+        if sent == len(data):
+            self.inline_sends += 1
+            return
+        self._pending += 1
+        self._queue.put(_Remainder(memoryview(data)[sent:]))
 
     def _write(self) -> None:
         while True:
             message = self._queue.get()
             if message is _CLOSE:
                 return
-            if self._broken is not None:
-                continue
             try:
-                self._conn.send(message)
+                if self._broken is None:
+                    if isinstance(message, _Remainder):
+                        assert self._socket is not None
+                        self._socket.sendall(message.data)
+                    else:
+                        self._conn.send(message)
             except (OSError, ValueError, EOFError) as exc:  # the peer is gone: say so once, keep draining
-                self._broken = exc
-                logger.warning("pipe closed while sending %s: %s", type(message).__name__, exc)
+                self._fail(exc, type(message).__name__)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+    def _fail(self, exc: BaseException, what: str) -> None:
+        if self._broken is None:
+            self._broken = exc
+            logger.warning("pipe closed while sending %s: %s", what, exc)
 
 
-__all__ = ["Outbox"]
+class _Remainder:
+    """The tail of a frame that an inline send could not write at once (raw bytes, no header of its own)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+
+
+def _socket_of(conn: Connection) -> _SocketCalls | None:
+    """Socket calls on `conn`'s descriptor, or None when the pipe is not a Unix socket (then: thread only)."""
+    try:
+        probe = socket.socket(fileno=conn.fileno())
+    except OSError:  # not a socket (ENOTSOCK), or already closed
+        return None
+    family = probe.family
+    probe.detach()
+    return _SocketCalls(conn) if family == socket.AF_UNIX else None
+
+
+class _SocketCalls:
+    """`send` / `sendall` on the descriptor a Connection owns, without ever owning it.
+
+    Each call wraps the CURRENT descriptor (`conn.fileno()` raises once the Connection is closed, so a closed,
+    perhaps reused, number is never written to) and lets go of it afterwards, so only the Connection closes it.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    @contextlib.contextmanager
+    def _borrowed(self) -> Iterator[socket.socket]:
+        sock = socket.socket(fileno=self._conn.fileno())
+        try:
+            yield sock
+        finally:
+            sock.detach()
+
+    def send(self, data: bytes | memoryview, flags: int = 0) -> int:
+        with self._borrowed() as sock:
+            return sock.send(data, flags)
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        with self._borrowed() as sock:
+            sock.sendall(data)
+
+
+__all__ = ["INLINE_MAX_BYTES", "Outbox", "frame", "wire_size_hint"]

@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from service.app import create_app
 from service.serving import _wait_disconnect
 from service.settings import Settings
+from tests.service.conftest import ServerProcess
 
 
 def _calls(dependant: Dependant) -> list[object]:
@@ -82,3 +83,9 @@ def test_disconnect_watcher_wakes_on_the_message_and_never_polls() -> None:
     waiting, done, idle_receives = asyncio.run(scenario())
     assert waiting and done
     assert idle_receives == 1  # one receive, parked until a message came
+
+
+def test_the_server_runs_on_uvloop(server: ServerProcess) -> None:
+    """uvloop is a dependency and uvicorn's `loop="auto"` picks it: the API process's start-up line says so."""
+    lines = [r.get("message", "") for r in server.log_records() if "event loop" in r.get("message", "")]
+    assert lines == ["API process on the uvloop event loop"]
