@@ -11,14 +11,18 @@ GIL passed back and forth), on every batch and on every answer. So a small messa
 by `wire_size_hint` before anything is pickled) that finds the writer idle is written by the caller itself, with
 one non-blocking `send`. Whatever part of the frame the socket does not take at once goes to the writer thread,
 and everything after it queues behind it, so order and frame boundaries hold either way and the caller never
-waits on the other process. The frames are the ones `Connection.send` writes (`Connection.recv` reads them).
+waits on the other process. The frames are the ones `Connection.send` writes (`Connection.recv` reads them);
+the thread writes them with `write_all`, which also copes with a descriptor that the event loop has made
+non-blocking.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
+import select
 import socket
 import struct
 import threading
@@ -44,12 +48,51 @@ def wire_size_hint(message: object) -> int:
     return int(hint()) if callable(hint) else 0
 
 
+def frame_parts(message: object) -> tuple[bytes, bytes | memoryview]:
+    """`message` as `Connection.send` frames it: the length header, and the pickle (not copied again)."""
+    payload = ForkingPickler.dumps(message)
+    size = len(payload)
+    header = (
+        struct.pack("!i", -1) + struct.pack("!Q", size) if size > _LARGE_FRAME else struct.pack("!i", size)
+    )
+    return header, payload
+
+
 def frame(message: object) -> bytes:
-    """`message` as the bytes `Connection.send` would write: length header + pickle."""
-    payload = bytes(ForkingPickler.dumps(message))
-    if len(payload) > _LARGE_FRAME:
-        return struct.pack("!i", -1) + struct.pack("!Q", len(payload)) + payload
-    return struct.pack("!i", len(payload)) + payload
+    """`message` as the bytes `Connection.send` would write: length header + pickle, in one piece."""
+    header, payload = frame_parts(message)
+    return header + bytes(payload)
+
+
+def write_all(conn: Connection, *chunks: bytes | memoryview) -> None:
+    """Write every chunk to `conn`'s descriptor, waiting for room whenever the pipe is full (blocking caller).
+
+    Unlike `Connection.send`, this also works when the descriptor is in non-blocking mode, which it is on the
+    API side: uvloop (libuv) switches every descriptor it watches to non-blocking, and the event loop watches
+    this pipe for the worker's answers (`service.inbox`). There a full pipe makes `os.write` raise
+    `BlockingIOError` instead of waiting, which `Connection.send` would take for a broken pipe.
+
+    Raises:
+        OSError: The other end is gone (`BrokenPipeError`, `ConnectionResetError`) or `conn` is closed.
+    """
+    fd = conn.fileno()
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        while view:
+            try:
+                written = os.write(fd, view)
+            except BlockingIOError:
+                _wait_writable(fd)
+                continue
+            except InterruptedError:
+                continue
+            view = view[written:]
+
+
+def _wait_writable(fd: int) -> None:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    poller.poll()  # no timeout: an end that goes away reports POLLERR/POLLHUP, and the next write raises
 
 
 class Outbox:
@@ -126,10 +169,9 @@ class Outbox:
             try:
                 if self._broken is None:
                     if isinstance(message, _Remainder):
-                        assert self._socket is not None
-                        self._socket.sendall(message.data)
+                        write_all(self._conn, message.data)
                     else:
-                        self._conn.send(message)
+                        write_all(self._conn, *frame_parts(message))
             except (OSError, ValueError, EOFError) as exc:  # the peer is gone: say so once, keep draining
                 self._fail(exc, type(message).__name__)
             finally:
@@ -162,31 +204,36 @@ def _socket_of(conn: Connection) -> _SocketCalls | None:
     return _SocketCalls(conn) if family == socket.AF_UNIX else None
 
 
-class _SocketCalls:
-    """`send` / `sendall` on the descriptor a Connection owns, without ever owning it.
+@contextlib.contextmanager
+def borrowed_socket(conn: Connection) -> Iterator[socket.socket]:
+    """A socket object on `conn`'s CURRENT descriptor, for one call, that never closes it (the Connection owns it).
 
-    Each call wraps the CURRENT descriptor (`conn.fileno()` raises once the Connection is closed, so a closed,
-    perhaps reused, number is never written to) and lets go of it afterwards, so only the Connection closes it.
+    `conn.fileno()` raises once the Connection is closed, so a closed, perhaps reused, number is never used.
     """
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        yield sock
+    finally:
+        sock.detach()
+
+
+class _SocketCalls:
+    """`send` on the descriptor a Connection owns, without ever owning it (`borrowed_socket`)."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
 
-    @contextlib.contextmanager
-    def _borrowed(self) -> Iterator[socket.socket]:
-        sock = socket.socket(fileno=self._conn.fileno())
-        try:
-            yield sock
-        finally:
-            sock.detach()
-
     def send(self, data: bytes | memoryview, flags: int = 0) -> int:
-        with self._borrowed() as sock:
+        with borrowed_socket(self._conn) as sock:
             return sock.send(data, flags)
 
-    def sendall(self, data: bytes | memoryview) -> None:
-        with self._borrowed() as sock:
-            sock.sendall(data)
 
-
-__all__ = ["INLINE_MAX_BYTES", "Outbox", "frame", "wire_size_hint"]
+__all__ = [
+    "INLINE_MAX_BYTES",
+    "Outbox",
+    "borrowed_socket",
+    "frame",
+    "frame_parts",
+    "wire_size_hint",
+    "write_all",
+]

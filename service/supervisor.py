@@ -5,7 +5,7 @@ and tells its listener (the scheduler) what happens to it:
 
 * Spawned with multiprocessing "spawn" (`service.worker_process.WorkerProcess`); readiness comes with the
   worker's `WorkerReady`, after a real warm-up forward.
-* A worker that dies is noticed at once (its reader thread watches the process sentinel): the listener fails
+* A worker that dies is noticed at once (the event loop watches its process sentinel): the listener fails
   every request it held with 503, readiness drops, and a new worker is spawned (at once after a crash, with
   backoff when it dies during start-up).
 * A model that cannot load or warm up must not crash-loop in silence: after `worker_start_attempts`
@@ -14,13 +14,12 @@ and tells its listener (the scheduler) what happens to it:
   orchestrator shows a failed pod instead of an endless "restarting".
 * Liveness pings go to the worker's control thread, which answers without waiting for model work.
 
-Everything here runs on the event loop; the reader thread hands messages over with `call_soon_threadsafe`.
+Everything here runs on the event loop, the worker's messages included (`WorkerProcess` reads its pipes there).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import itertools
 import logging
@@ -177,19 +176,11 @@ class Supervisor:
         self._respawn_handle = None
         if self._stopping:
             return
-        worker = WorkerProcess(next(self._numbers), self.settings, self._ctx, self._deliver)
+        assert self._loop is not None
+        worker = WorkerProcess(next(self._numbers), self.settings, self._ctx, self._on_message, self._loop)
         self._current = worker
         logger.info("worker %d started (pid %s), loading %s", worker.number, worker.pid, self.settings.model)
-        assert self._loop is not None
         self._loop.call_later(self.settings.worker_start_timeout_s, self._check_started, worker)
-
-    def _deliver(self, worker: WorkerProcess, message: object) -> None:
-        """Reader-thread callback: hop onto the event loop (None = the worker is gone)."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-            loop.call_soon_threadsafe(self._on_message, worker, message)
 
     def _on_message(self, worker: WorkerProcess, message: object) -> None:
         if worker is not self._current:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import struct
+import threading
+import time
 from multiprocessing.connection import Connection
 
 from service.inbox import Inbox
@@ -18,14 +20,19 @@ def test_messages_arrive_whole_and_in_order() -> None:
     inbox = Inbox(ours)
     assert inbox.read() == ([], False)  # nothing yet: returns at once, not closed
     sent = [("small", 1), {"big": b"x" * 1_000_000}, ("small", 2)]
-    for message in sent:
-        theirs.send(message)
+    writer = threading.Thread(target=lambda: [theirs.send(message) for message in sent], daemon=True)
+    writer.start()  # the big frame does not fit the socket buffer: it arrives over many reads
     got: list[object] = []
-    while len(got) < len(sent):
-        messages, closed = inbox.read()
+    reads = 0
+    deadline = time.monotonic() + 20
+    while len(got) < len(sent) and time.monotonic() < deadline:
+        messages, closed = inbox.read(max_reads=1)
         assert not closed
         got += messages
+        reads += 1
+    writer.join(5)
     assert got == sent
+    assert reads > 2
 
 
 def test_a_frame_cut_anywhere_is_completed_by_a_later_read() -> None:

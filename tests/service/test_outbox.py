@@ -6,6 +6,7 @@ Real pipes (multiprocessing's duplex socketpair, and a one-way os pipe), real `C
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -14,7 +15,7 @@ import pytest
 
 from models.budget import PruningConfig
 from service.messages import ImageBlob, RunBatch, WorkItem
-from service.outbox import INLINE_MAX_BYTES, Outbox, frame, wire_size_hint
+from service.outbox import INLINE_MAX_BYTES, Outbox, frame, frame_parts, wire_size_hint, write_all
 
 
 def _receive(conn: Connection, count: int, timeout_s: float = 20.0) -> list[object]:
@@ -125,3 +126,31 @@ def test_a_closed_connection_is_never_written_through_a_stale_descriptor() -> No
     outbox.send(("after close",))
     assert isinstance(outbox.broken, OSError)  # conn.fileno() refused: nothing was written anywhere
     theirs.close()
+
+
+def test_the_thread_waits_for_room_on_a_non_blocking_descriptor() -> None:
+    """uvloop makes every descriptor it watches non-blocking, and the API's event loop watches its batch pipe for
+    answers: a big batch written into a full pipe must wait for room, not break the outbox (a regression: 16
+    concurrent 40-megapixel uploads lost their batches this way)."""
+    ours, theirs = mp.Pipe(duplex=True)
+    os.set_blocking(ours.fileno(), False)
+    outbox = Outbox(ours, "test-send")
+    big = ("big", b"q" * 5_000_000)  # far more than the socket buffer: the writer meets EAGAIN many times
+    outbox.send(big)
+    outbox.send(("after",))
+    time.sleep(0.2)  # let the writer fill the pipe while nobody reads
+    assert outbox.broken is None
+    assert _receive(theirs, 2) == [big, ("after",)]
+    assert outbox.broken is None
+    assert outbox.close()
+
+
+def test_write_all_writes_whole_frames_to_a_non_blocking_descriptor() -> None:
+    ours, theirs = mp.Pipe(duplex=True)
+    os.set_blocking(ours.fileno(), False)
+    message = ("whole", b"w" * 2_000_000)
+    writer = threading.Thread(target=write_all, args=(ours, *frame_parts(message)), daemon=True)
+    writer.start()
+    assert _receive(theirs, 1) == [message]
+    writer.join(5)
+    assert not writer.is_alive()
