@@ -101,8 +101,8 @@ class Outbox:
     Args:
         conn: The pipe end (nothing else may write to it).
         name: Thread name, for logs.
-        inline_max_bytes: The largest `wire_size_hint` the caller writes itself; 0 sends everything through
-            the thread. Inline writes need `conn` to be a socket (multiprocessing's duplex pipes on POSIX are);
+        inline_max_bytes: The largest `wire_size_hint` the caller writes itself; a negative value sends
+            everything through the thread. Inline writes need `conn` to be a socket (multiprocessing's duplex pipes on POSIX are);
             other pipes always use the thread.
     """
 
@@ -128,16 +128,13 @@ class Outbox:
         """Write or enqueue `message`; returns at once. A broken pipe is logged once, later messages are dropped."""
         if self._broken is not None:
             return
-        if wire_size_hint(message) <= self._inline_max:
-            with self._lock:
-                if self._pending == 0:
-                    self._send_inline(frame(message))
-                    return
-                self._pending += 1
-        else:
-            with self._lock:
-                self._pending += 1
-        self._queue.put(message)
+        inline = wire_size_hint(message) <= self._inline_max
+        with self._lock:  # one lock for both ways out, so messages leave in the order their senders got it
+            if inline and self._pending == 0:
+                self._send_inline(frame(message))
+                return
+            self._pending += 1
+            self._queue.put(message)
 
     def close(self, timeout_s: float = 5.0) -> bool:
         """Send what was handed over, then stop; True when everything was written within `timeout_s`."""

@@ -89,14 +89,13 @@ class WorkerProcess:
         return self.process.is_alive()
 
     def send(self, message: object) -> None:
-        """Enqueue a message for the batch pipe (`RunBatch`, `Cancel`); returns at once, order is kept."""
+        """Hand a message to the batch pipe's outbox (`RunBatch`, `Cancel`); returns at once, order is kept."""
         self._outbox.send(message)
 
     def send_control(self, message: object) -> None:
         """Send a small control query (answered by the worker's control thread, even mid-batch)."""
-        with (
-            self._ctrl_lock
-        ):  # not Connection.send: the loop watches this pipe, so its descriptor is non-blocking
+        # Not Connection.send: the loop watches this pipe, so uvloop has made its descriptor non-blocking.
+        with self._ctrl_lock:
             write_all(self._ctrl_conn, frame(message))
 
     def kill(self) -> None:
