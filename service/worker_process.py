@@ -154,10 +154,12 @@ class WorkerProcess:
     def _exited(self) -> None:
         """Loop callback on the process sentinel: deliver what the worker managed to send, then report None."""
         for conn, inbox in list(self._inboxes.items()):
-            with contextlib.suppress(Exception):
+            try:
                 messages, _ = inbox.read(max_reads=None)
                 for message in messages:
                     self._on_message(self, message)
+            except Exception:  # logged; the death is still reported, so every request it held gets its 503
+                logger.exception("worker %d: its last messages could not be delivered", self.number)
             self._unwatch(conn)
         self._finish()
 
