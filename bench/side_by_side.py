@@ -202,14 +202,13 @@ def main(argv: list[str] | None = None) -> None:
         row: dict[str, Any] = {"concurrency": concurrency, "peer_rps": round(peer_rps, 3)}
         for label in NUWA_KINDS:
             ours = by_round(label)
-            rounds = [
-                ours[r] / peer[r] for r in sorted(ours) if r in peer
-            ]  # the kind over the peer, per round
+            rounds = [ours[r] / peer[r] for r in sorted(ours) if r in peer]  # over the peer, per round
+            ours_rps = statistics.fmean(ours.values())
             row[label] = {
-                "rps": round(statistics.fmean(ours.values()), 3),
+                "rps": round(ours_rps, 3),
                 "x_peer": round(statistics.median(rounds), 3),
                 "x_peer_per_round": [round(r, 3) for r in rounds],
-                "x_peer_of_means": round(statistics.fmean(ours.values()) / peer_rps, 3),
+                "x_peer_of_means": round(ours_rps / peer_rps, 3),
             }
         ratios.append(row)
         logger.info("ratios %s", row)

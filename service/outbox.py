@@ -108,8 +108,7 @@ class Outbox:
 
     def __init__(self, conn: Connection, name: str, inline_max_bytes: int = INLINE_MAX_BYTES) -> None:
         self._conn = conn
-        self._socket = _socket_of(conn)
-        self._inline_max = inline_max_bytes if self._socket is not None else -1
+        self._inline_max = inline_max_bytes if _is_unix_socket(conn) else -1
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending = 0  # handed to the thread and not yet written (guarded by _lock)
@@ -144,9 +143,9 @@ class Outbox:
 
     def _send_inline(self, data: bytes) -> None:
         """Under the lock, writer idle: one non-blocking send; the rest of the frame goes to the thread."""
-        assert self._socket is not None
         try:
-            sent = self._socket.send(data, socket.MSG_DONTWAIT)
+            with borrowed_socket(self._conn) as sock:
+                sent = sock.send(data, socket.MSG_DONTWAIT)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
@@ -190,15 +189,13 @@ class _Remainder:
         self.data = data
 
 
-def _socket_of(conn: Connection) -> _SocketCalls | None:
-    """Socket calls on `conn`'s descriptor, or None when the pipe is not a Unix socket (then: thread only)."""
+def _is_unix_socket(conn: Connection) -> bool:
+    """Whether `conn` is a Unix socket (multiprocessing's duplex pipes on POSIX): only those take inline sends."""
     try:
-        probe = socket.socket(fileno=conn.fileno())
+        with borrowed_socket(conn) as sock:
+            return sock.family == socket.AF_UNIX
     except OSError:  # not a socket (ENOTSOCK), or already closed
-        return None
-    family = probe.family
-    probe.detach()
-    return _SocketCalls(conn) if family == socket.AF_UNIX else None
+        return False
 
 
 @contextlib.contextmanager
@@ -212,17 +209,6 @@ def borrowed_socket(conn: Connection) -> Iterator[socket.socket]:
         yield sock
     finally:
         sock.detach()
-
-
-class _SocketCalls:
-    """`send` on the descriptor a Connection owns, without ever owning it (`borrowed_socket`)."""
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-
-    def send(self, data: bytes | memoryview, flags: int = 0) -> int:
-        with borrowed_socket(self._conn) as sock:
-            return sock.send(data, flags)
 
 
 __all__ = [
