@@ -78,6 +78,9 @@ def greedy_decode(
         on_step: Called after every step with each sample's tokens so far (streaming); finished samples' lists
             stop growing.
     """
+    start = (
+        clock.now()
+    )  # the prefill includes making its KV cache (0.3 ms for DynamicCache on the built-in model)
     batch_size = llm.input_ids.shape[0]
     eos_ids = eos_token_ids(adapter.model, adapter.processor) if stop_at_eos else set()
     generated = torch.zeros(batch_size, 0, dtype=torch.long, device=llm.input_ids.device)
@@ -89,7 +92,6 @@ def greedy_decode(
     controller = adapter.controller
     fast_step = adapter.fast_decode_step if cache is not None else None
     buffers: KVBuffers | None = None  # the fast step's KV cache, made from the prefill's on the first step
-    start = clock.now()
     try:
         for step in range(max(limits)):
             if cancelled is not None and step > 0:

@@ -12,6 +12,7 @@ transformers' `mm_encoder_outputs` argument, and pass the kept tokens' original 
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from models.decoding import FinishReason, greedy_decode, pad_token_id
 from models.embedding_cache import EmbeddingCache
 from models.fast_decode import LlamaDecodeStep
 from models.geometry import Geometry
+from models.last_position import LastPositionRows
 from models.methods import Stage1Selection, get_method, keep_every_token
 from models.reports import visual_token_reports
 from models.stage2 import DropPlan, LayerDropController
@@ -174,6 +176,11 @@ class VisionLanguageAdapter(ABC):
             LlamaDecodeStep.for_model(model) if fast_paths else None
         )
         """Cached decode steps without the model stack (`models.fast_decode`); None = the stock forward."""
+        self.last_rows: LastPositionRows | None = (
+            LastPositionRows.for_layer(self.decoder_layers[-1]) if self.fast_decode_step is not None else None
+        )
+        """The prefill's last layer runs o_proj and the MLP where logits are read only (`models.last_position`);
+        None = the whole layer runs (another family, fast paths off, or no row count passed the probe)."""
 
     @property
     def tokenizer(self) -> Any:
@@ -458,16 +465,18 @@ class VisionLanguageAdapter(ABC):
             position_ids = torch.cat([position_ids, extra], dim=-1)
             visual = torch.cat([visual, torch.zeros_like(trailing, dtype=torch.bool)], dim=1)
         self.controller.begin(llm.drop_plans, visual, attention_mask.bool(), trailing=num_trailing)
-        return self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            mm_encoder_outputs={"image": self.image_encoder_outputs(llm.features)},
-            past_key_values=cache,
-            use_cache=cache is not None,
-            logits_to_keep=logits_to_keep,
-            **self.llm_position_kwargs(),
-        )
+        last_only = self.last_rows is not None and logits_to_keep == 1
+        with self.last_rows.only_last(input_ids.shape[0]) if last_only else contextlib.nullcontext():  # type: ignore[union-attr]
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                mm_encoder_outputs={"image": self.image_encoder_outputs(llm.features)},
+                past_key_values=cache,
+                use_cache=cache is not None,
+                logits_to_keep=logits_to_keep,
+                **self.llm_position_kwargs(),
+            )
 
     def reports(self, llm: LLMInputs) -> list[VisualTokenReport]:
         """What the prefill that just ran kept, per sample (call before the controller's run ends)."""

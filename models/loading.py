@@ -110,6 +110,16 @@ def load_runner(
         len(plans),
         "on" if fast_paths else "off",
     )
+    if (
+        adapter.fast_decode_step is not None
+    ):  # the family the last-layer shortcut is for: say whether the probe passed
+        rows = adapter.last_rows
+        logger.info(
+            "prefill's last layer: %s",
+            f"o_proj and MLP on the last positions (at least {rows.min_rows} rows)"
+            if rows is not None
+            else "whole (no row count gave the full product's rows exactly on this device)",
+        )
     return ModelRunner(adapter, name=path.name, plans=plans)
 
 

@@ -184,7 +184,7 @@ def decode_for_model(
             if decode_size is not None:
                 img = _reduce_to(img, _stored_size(decode_size, img))
             reduced = img.size != full_size
-            upright = _to_rgb(ImageOps.exif_transpose(img))
+            upright = _to_rgb(_turned_upright(img))
             if reduced and decode_size is not None and upright.size != decode_size:
                 upright = upright.resize(decode_size, _RESAMPLING[resample])
             return upright
@@ -224,8 +224,21 @@ def _reduce_to(img: Image.Image, target: tuple[int, int]) -> Image.Image:
     return reduced
 
 
+def _turned_upright(img: Image.Image) -> Image.Image:
+    """`img` turned by its EXIF orientation, in place.
+
+    In place because `ImageOps.exif_transpose` otherwise returns a copy even when nothing turns: 0.2 ms of the
+    1.4 ms that a 336 px PNG took to decode, on every request.
+    """
+    ImageOps.exif_transpose(img, in_place=True)
+    return img
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB with transparency composited on white (a bare convert would show transparent pixels as black).
+
+    An RGB image comes back as it is, not copied: it is the caller's own (decoded here, its file closed), and the
+    copy cost as much as the exif copy above.
 
     16-bit greyscale (PNG) is scaled to 8 bits first: PIL's own convert clips every value above 255 to white.
     """
@@ -236,7 +249,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB") if img.mode != "RGB" else img.copy()
+    return img.convert("RGB") if img.mode != "RGB" else img
 
 
 # PIL decompresses PNG text chunks (zTXt, iTXt) while reading the header. Nothing here uses them, so both of its

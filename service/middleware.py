@@ -114,7 +114,8 @@ class RequestContextMiddleware:
                     "the request body did not arrive within the request's deadline", headers=dict(_CLOSE)
                 )
             try:
-                message = await asyncio.wait_for(receive(), timeout)
+                async with asyncio.timeout(timeout):  # a timer; `wait_for` would make a task per body message
+                    message = await receive()
             except TimeoutError:
                 raise RequestTimeoutError(
                     f"the request body stalled: nothing arrived for {timeout:.3g} s "

@@ -210,7 +210,8 @@ async def _await_outcomes(
 ) -> list[ItemResult]:
     futures = [submission.future for submission in submissions]
     watcher = asyncio.create_task(_wait_disconnect(request))
-    gathered = asyncio.gather(*futures)
+    # One future (one text) is awaited as it is: a gather around it costs a loop turn between answer and route.
+    gathered = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
     try:
         done, _ = await asyncio.wait(
             {gathered, watcher},
@@ -220,7 +221,7 @@ async def _await_outcomes(
     finally:
         watcher.cancel()
     if gathered in done:
-        return list(gathered.result())
+        return list(gathered.result()) if len(futures) > 1 else [gathered.result()]
     gathered.cancel()
     first = submissions[0]
     if watcher in done:
