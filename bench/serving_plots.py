@@ -1,6 +1,6 @@
 """Tables and plots of the serving-core benchmarks (request overhead, side by side, cache, batching, pipelining).
 
-Reads `bench/results/{request_overhead,side_by_side,cache_gain,batching_gain,pipeline_gain,follow_ups}.json`, writes PNGs
+Reads `bench/results/{request_overhead,request_spans,side_by_side,cache_gain,batching_gain,pipeline_gain,follow_ups}.json`, writes PNGs
 into docs/ and fills the `<!-- begin:NAME -->` / `<!-- end:NAME -->` markers of docs/BENCHMARKS.md. Called by
 `python -m bench.plots` (which fills every table) or alone: ``python -m bench.serving_plots``.
 """
@@ -87,6 +87,37 @@ def overhead_tables(data: dict[str, Any]) -> str:
         + ".",
         "",
         _loads_line(data),
+    ]
+    return "\n".join(lines)
+
+
+def spans_tables(data: dict[str, Any]) -> str:
+    ms = data["ms"]
+    hops = [hop["name"] for hop in data["hops"]]
+    lines = [
+        f"{data['requests']} sequential requests, idle server, each its own 336 px PNG; every hop is the difference "
+        "of two CLOCK_MONOTONIC readings (client, API process, worker). All in ms.",
+        "",
+        "| hop | from -> to | p50 | p99 | mean |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for hop in data["hops"]:
+        values = ms[hop["name"]]
+        lines.append(
+            f"| {hop['name']} | {hop['from']} -> {hop['to']} | {fmt(values['p50'], 2)} | {fmt(values['p99'], 2)} | "
+            f"{fmt(values['mean'], 2)} |"
+        )
+    hop_sum = sum(ms[name]["p50"] for name in hops)
+    lines += [
+        f"| **client latency** | sent -> answered | **{fmt(ms['client']['p50'], 2)}** | {fmt(ms['client']['p99'], 2)} | "
+        f"{fmt(ms['client']['mean'], 2)} |",
+        f'| model stages (`timing_ms`, inside "prepare" and "model") | | {fmt(ms["model stages"]["p50"], 2)} | '
+        f"{fmt(ms['model stages']['p99'], 2)} | {fmt(ms['model stages']['mean'], 2)} |",
+        f"| **overhead** (client - model stages) | | **{fmt(ms['overhead']['p50'], 2)}** | "
+        f"{fmt(ms['overhead']['p99'], 2)} | {fmt(ms['overhead']['mean'], 2)} |",
+        "",
+        f"The hops' p50s add up to {fmt(hop_sum, 2)} ms (medians need not add up exactly). "
+        + _loads_line(data),
     ]
     return "\n".join(lines)
 
@@ -337,6 +368,7 @@ def batching_gain_plot(data: dict[str, Any], out: Path) -> None:
 SECTIONS = (
     ("request_overhead", "request_overhead.json", overhead_plot, overhead_tables),
     ("side_by_side", "side_by_side.json", side_by_side_plot, side_by_side_tables),
+    ("request_spans", "request_spans.json", None, spans_tables),
     ("cache_gain", "cache_gain.json", None, cache_tables),
     ("batching_gain", "batching_gain.json", batching_gain_plot, batching_gain_tables),
     ("pipeline_gain", "pipeline_gain.json", None, two_setting_tables),

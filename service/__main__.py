@@ -6,6 +6,7 @@ import sys
 
 import uvicorn
 
+from service import spans
 from service.app import create_app
 from service.http_protocol import guarded_protocol
 from service.logs import configure_logging
@@ -20,6 +21,7 @@ def main() -> None:
     """
     settings = Settings()
     configure_logging(settings.log_level)
+    spans.configure(settings.trace_spans_file)
     server: DrainingServer | None = None
 
     def on_fatal(message: str) -> None:

@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import spans
 from service.errors import NuwaError, PayloadTooLargeError, error_body
 from service.logs import log_request
 from service.metrics import ServiceMetrics
@@ -85,6 +86,7 @@ class RequestContextMiddleware:
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["started_at"] = started
+        spans.mark(request_id, "arrived")
         response_started = False
         status = 500
         max_body = self.settings.max_body_bytes
@@ -95,6 +97,7 @@ class RequestContextMiddleware:
             nonlocal response_started, status
             if message["type"] == "http.response.start":
                 response_started = True
+                spans.mark(request_id, "responding")
                 status = int(message["status"])
                 MutableHeaders(scope=message)["X-Request-Id"] = request_id
             await send(message)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from models.budget import PruningConfig, plan_tokens, target_tokens
 from models.embedding_cache import CacheStats
 from models.methods import get_method
+from service import spans
 from service.admission import Admission, Degradation, DegradationPolicy, Ticket
 from service.batching import (
     FollowUps,
@@ -385,6 +386,7 @@ class Scheduler:
         for entry in live:
             submission = entry.payload
             submission.dispatched_at = now
+            spans.mark(submission.item.request_id, "dispatched")
             self.admission.release(submission.ticket)
             submissions.append(submission)
         batch_id = next(self._batch_ids)
@@ -484,6 +486,7 @@ class Scheduler:
             if submission is None:
                 continue
             submission.ipc_s = ipc_s
+            spans.mark(outcome.request_id, "delivered")
             if isinstance(outcome, WorkerFailure):
                 self._resolve(submission, _error_of(outcome, self.settings.retry_after_s))
                 continue

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from models.budget import PruningConfig
+from service import spans
 from service.admission import Degradation
 from service.errors import DeadlineExceededError, NuwaError
 from service.images import ImageProbe, probe_image
@@ -133,6 +134,7 @@ async def start_request(
         stream=stream,
     )
     admitted = scheduler.submit(spec)
+    spans.mark(spec.request_id, "queued")
     request.state.log_fields = {"estimated_visual_tokens": admitted.visual_tokens}
     return Started(admitted, probe, data, arrived, deadline, timeout_s)
 

@@ -7,6 +7,7 @@ the configuration the API process validated. Every field is documented in docs/A
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -195,6 +196,11 @@ class Settings(BaseSettings):
     # --- logging ---
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Root log level."
+    )
+    trace_spans_file: Path | None = Field(
+        default=None,
+        description="Append each request's timestamps through the API process and the worker to this file "
+        "(service/spans.py; bench/request_spans.py reads it); unset = off.",
     )
 
     @field_validator("api_keys", "image_url_allowlist", mode="before")

@@ -23,6 +23,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service import spans
 from service.logs import configure_logging
 from service.messages import PingQuery, PingReply, WorkerReady, WorkerStartFailed
 from service.outbox import Outbox
@@ -44,6 +45,7 @@ def run_worker(settings: Settings, batch_conn: Connection, ctrl_conn: Connection
         ctrl_conn: Receives `PingQuery`; the control thread answers.
     """
     configure_logging(settings.log_level)
+    spans.configure(settings.trace_spans_file)
     # Ctrl+C in a terminal reaches the whole process group; the API process decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     outbox = Outbox(batch_conn, "nuwa-worker-send")

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from models.tasks import TaskRequest
+from service import spans
 from service.batching import run_splitting
 from service.errors import NuwaError
 from service.images import decode_for_model
@@ -161,6 +162,7 @@ class WorkerPipeline:
     def _prepare(self, message: RunBatch, received_at: float) -> _Prepared:
         prepared = _Prepared(message, received_at, received_at, [])
         for item in message.items:
+            spans.mark(item.request_id, "received")
             start = time.monotonic()
             digest = _digest(item.image.data)
             try:
@@ -175,6 +177,7 @@ class WorkerPipeline:
                 prepared.failures[item.request_id] = _failure_of(item, exc)
                 continue
             prepared.decode_s[item.request_id] = time.monotonic() - start
+            spans.mark(item.request_id, "decoded")
             prepared.items.append(item)
             prepared.tasks[item.request_id] = self._task(item, image, digest)
         if prepared.items:
@@ -220,6 +223,8 @@ class WorkerPipeline:
         message = prepared.message
         started = time.monotonic()
         self.outbox.send(BatchStarted(message.batch_id, started))
+        for item in message.items:
+            spans.mark(item.request_id, "running")
         self.progress.busy_since = started
         outcomes: dict[str, ItemResult | WorkerFailure] = dict(prepared.failures)
         with self._lock:
@@ -252,6 +257,8 @@ class WorkerPipeline:
             self.progress.busy_since = None
             with self._lock:
                 self._cancelled.difference_update(item.request_id for item in message.items)
+        for item in message.items:
+            spans.mark(item.request_id, "done")
         cache = self.embedding_cache.stats() if self.embedding_cache is not None else None
         self.outbox.send(
             BatchDone(
