@@ -1,6 +1,6 @@
 """Tables and plots of the serving-core benchmarks (request overhead, side by side, cache, batching, pipelining).
 
-Reads `bench/results/{request_overhead,request_spans,side_by_side,cache_gain,batching_gain,pipeline_gain,follow_ups}.json`, writes PNGs
+Reads `bench/results/{request_overhead,request_spans,http_floor,side_by_side,cache_gain,batching_gain,pipeline_gain,follow_ups}.json`, writes PNGs
 into docs/ and fills the `<!-- begin:NAME -->` / `<!-- end:NAME -->` markers of docs/BENCHMARKS.md. Called by
 `python -m bench.plots` (which fills every table) or alone: ``python -m bench.serving_plots``.
 """
@@ -119,6 +119,30 @@ def spans_tables(data: dict[str, Any]) -> str:
         f"The hops' p50s add up to {fmt(hop_sum, 2)} ms (medians need not add up exactly). "
         + _loads_line(data),
     ]
+    return "\n".join(lines)
+
+
+def http_floor_tables(data: dict[str, Any]) -> str:
+    names = {"png_form": "336 px PNG form", "3mb_form": "3 MB file part"}
+    servers = [name for name in next(iter(data["results"].values())) if name != "bytes"]
+    lines = [
+        "Client latency (ms, p50 / p99) of sequential POSTs to a route that reads the body and answers 8 bytes; "
+        f"{data['client']}; {data['server']}.",
+        "",
+        "| body | bytes | " + " | ".join(servers) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in servers) + " |",
+    ]
+    for key, result in data["results"].items():
+        cells = [f"{fmt(result[name]['p50'], 2)} / {fmt(result[name]['p99'], 2)}" for name in servers]
+        lines.append(f"| {names.get(key, key)} | {result['bytes']:,} | " + " | ".join(cells) + " |")
+    decode = data.get("decode_png_ms")
+    if decode:
+        lines += [
+            "",
+            f"Decode floor: `decode_for_model` of the same PNG at 336 px, in process, warm: {fmt(decode['p50'], 2)} ms "
+            f"p50 ({fmt(decode['p99'], 2)} p99, {decode['count']} calls).",
+        ]
+    lines += ["", _loads_line(data)]
     return "\n".join(lines)
 
 
@@ -369,6 +393,7 @@ SECTIONS = (
     ("request_overhead", "request_overhead.json", overhead_plot, overhead_tables),
     ("side_by_side", "side_by_side.json", side_by_side_plot, side_by_side_tables),
     ("request_spans", "request_spans.json", None, spans_tables),
+    ("http_floor", "http_floor.json", None, http_floor_tables),
     ("cache_gain", "cache_gain.json", None, cache_tables),
     ("batching_gain", "batching_gain.json", batching_gain_plot, batching_gain_tables),
     ("pipeline_gain", "pipeline_gain.json", None, two_setting_tables),

@@ -465,8 +465,8 @@ class VisionLanguageAdapter(ABC):
             position_ids = torch.cat([position_ids, extra], dim=-1)
             visual = torch.cat([visual, torch.zeros_like(trailing, dtype=torch.bool)], dim=1)
         self.controller.begin(llm.drop_plans, visual, attention_mask.bool(), trailing=num_trailing)
-        last_only = self.last_rows is not None and logits_to_keep == 1
-        with self.last_rows.only_last(input_ids.shape[0]) if last_only else contextlib.nullcontext():  # type: ignore[union-attr]
+        rows = self.last_rows if logits_to_keep == 1 else None  # only the last position's logits are read
+        with rows.only_last(input_ids.shape[0]) if rows is not None else contextlib.nullcontext():
             return self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

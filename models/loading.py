@@ -110,9 +110,7 @@ def load_runner(
         len(plans),
         "on" if fast_paths else "off",
     )
-    if (
-        adapter.fast_decode_step is not None
-    ):  # the family the last-layer shortcut is for: say whether the probe passed
+    if adapter.fast_decode_step is not None:  # the last-layer shortcut's family: did its probe pass?
         rows = adapter.last_rows
         logger.info(
             "prefill's last layer: %s",
