@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 PROBE_BATCHES = ((1, 96), (2, 41), (3, 29), (5, 23), (8, 37), (16, 12))
-"""(batch, positions) layouts of the start-up probe: odd and even row counts, one long sequence."""
+"""(batch, positions) layouts of the start-up probe; together they try every row count up to `PROBE_ROWS`."""
+PROBE_ROWS = 64
+"""Row counts probed: 1 to this many (a larger batch runs one position per sample, a product of its own size)."""
 PROBE_MAX_ROWS = 8
 """The largest `min_rows` worth having: beyond it the saving shrinks and nothing is armed."""
 
@@ -50,9 +52,8 @@ class LastPositionRows:
     def __init__(self, o_proj: nn.Linear, mlp: nn.Module, min_rows: int) -> None:
         self.min_rows = min_rows
         self._keep: int | None = None  # positions per sample while armed, None otherwise
-        self._positions: list[
-            int
-        ] = []  # the full length each hooked module saw (its pre-hook pushes, hook pops)
+        # The full length each hooked module saw: its pre-hook pushes, its forward hook pops.
+        self._positions: list[int] = []
         self.armed_runs = 0
         """How many prefills ran with the hooks armed (for tests and profiling)."""
         for module in (o_proj, mlp):
@@ -87,7 +88,7 @@ class LastPositionRows:
                 )
                 states = states.to(device=weight.device, dtype=weight.dtype)
                 full = F.linear(states, weight, linear.bias)
-                for keep in range(1, min(positions, PROBE_MAX_ROWS) + 1):
+                for keep in range(1, min(positions, PROBE_ROWS // batch) + 1):
                     rows = batch * keep
                     if rows < smallest_exact:
                         continue

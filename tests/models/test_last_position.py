@@ -177,3 +177,12 @@ def test_other_families_and_fast_paths_off_run_the_whole_layer() -> None:
     assert LlavaAdapter(model, processor, fast_paths=False).last_rows is None
     qwen_model, qwen_processor = tiny_qwen(seed=0)
     assert Qwen2_5_VLAdapter(qwen_model, qwen_processor).last_rows is None
+
+
+def test_the_probe_layouts_try_every_row_count_up_to_its_bound() -> None:
+    tried = {
+        batch * keep
+        for batch, positions in last_position.PROBE_BATCHES
+        for keep in range(1, min(positions, last_position.PROBE_ROWS // batch) + 1)
+    }
+    assert set(range(1, last_position.PROBE_ROWS + 1)) <= tried
