@@ -134,11 +134,18 @@ class Supervisor:
         return self.last_ready.model_name if self.last_ready is not None else None
 
     def kill(self, reason: str) -> None:
-        """Kill the current worker (stuck batch); its exit is handled like any death, then it is replaced."""
+        """Kill the current worker (stuck batch); its exit is handled like any death, then it is replaced.
+
+        A worker that had been ready is being restarted, not failing to start: /healthz says "starting" from this
+        moment, as it does once the exit is seen, so `last_error` stays clear (a stuck batch is in the log, in the
+        503 its requests got and in `nuwa_rejections_total{reason="worker_stuck"}`). Setting it made /healthz a
+        503 `worker_down` for the few milliseconds until the exit was noticed, which a probe could land in.
+        """
         worker = self._current
         if worker is not None:
             logger.error("killing worker %d (pid %s): %s", worker.number, worker.pid, reason)
-            self.last_error = reason
+            if worker.ready is None:
+                self.last_error = reason
             # Not ready from this moment: its exit is noticed a little later, and nothing may go to it meanwhile.
             self.state = WorkerState.RESTARTING
             self.ready_event.clear()
