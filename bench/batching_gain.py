@@ -30,7 +30,7 @@ from typing import Any
 
 from bench.loadgen import closed_loop, run
 from bench.payloads import SeedBlock, distinct_scenes
-from bench.quiet import LoadAverages, add_quiet_arguments, loads_from
+from bench.quiet import start_benchmark
 from bench.server import default_model_dir, start_service
 from tests.support.launcher import ServiceProcess
 
@@ -76,15 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--p99-budget-ms", type=float, default=2000.0)
     parser.add_argument("--max-new-tokens", default="8")
     parser.add_argument("--out", type=Path, required=True)
-    add_quiet_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args, loads = start_benchmark(parser, argv)
     sweep = SWEEPS[args.sweep]
     setting, values = sweep["setting"], sweep["values"]
     concurrencies = tuple(args.concurrency or sweep["concurrency"])
     model_dir = args.model or default_model_dir()
-    loads: LoadAverages = loads_from(args)
     log_dir = Path(tempfile.mkdtemp(prefix=f"nuwa-bench-{args.sweep}-"))
     seeds = SeedBlock(next_seed=20_000)
     started = time.monotonic()

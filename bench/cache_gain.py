@@ -27,7 +27,7 @@ import httpx
 
 from bench.loadgen import Payload, check_loopback, closed_loop, percentile, run
 from bench.payloads import scene_png
-from bench.quiet import LoadAverages, add_quiet_arguments, loads_from
+from bench.quiet import start_benchmark
 from bench.server import default_model_dir, start_service
 
 logger = logging.getLogger(__name__)
@@ -104,12 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=12, help="images per mode (x 8 phrases)")
     parser.add_argument("--max-new-tokens", default="8")
     parser.add_argument("--out", type=Path, required=True)
-    add_quiet_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args, loads = start_benchmark(parser, argv)
     model_dir = args.model or default_model_dir()
-    loads: LoadAverages = loads_from(args)
     log_dir = Path(tempfile.mkdtemp(prefix="nuwa-bench-cache-"))
     seed = 5_000
     warmup, seed = images_with_phrases(2, seed)

@@ -22,7 +22,7 @@ from typing import Any
 from bench.loadgen import Payload, closed_loop, run
 from bench.payloads import SeedBlock, distinct_scenes
 from bench.peer import start_peer
-from bench.quiet import add_quiet_arguments, loads_from
+from bench.quiet import start_benchmark
 from bench.server import default_model_dir, start_service
 
 logger = logging.getLogger(__name__)
@@ -98,12 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=160)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--out", type=Path, required=True)
-    add_quiet_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args, loads = start_benchmark(parser, argv)
     model_dir = args.model or default_model_dir()
-    loads = loads_from(args)
     log_dir = Path(tempfile.mkdtemp(prefix="nuwa-bench-cpu-"))
     seeds = SeedBlock(next_seed=40_000)
     results: dict[str, Any] = {}

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from bench.payloads import scene_png
-from bench.quiet import add_quiet_arguments, loads_from
+from bench.quiet import start_benchmark
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
-    add_quiet_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args, loads = start_benchmark(parser, argv)
     torch.set_num_threads(args.threads)
-    loads = loads_from(args)
     runner = load_runner(BUILTIN_MODEL_DIR, "cpu")
     processor = AutoProcessor.from_pretrained(BUILTIN_MODEL_DIR)
     processor.tokenizer.padding_side = "left"

@@ -24,7 +24,6 @@ import logging
 import multiprocessing
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from bench.loadgen import percentile
+from bench.loadgen import summarise
 from bench.payloads import scene_png
-from bench.quiet import LoadAverages, add_quiet_arguments, loads_from
+from bench.quiet import start_benchmark
 from bench.server import free_port
 
 logger = logging.getLogger(__name__)
@@ -115,12 +114,7 @@ def decode_floor(data: bytes, count: int) -> dict[str, float]:
         start = time.perf_counter()
         decode_for_model(data, (336, 336))
         values.append((time.perf_counter() - start) * 1000)
-    return {
-        "p50": round(percentile(values, 50), 3),
-        "p99": round(percentile(values, 99), 3),
-        "mean": round(statistics.fmean(values), 3),
-        "count": count,
-    }
+    return {**summarise([{"ms": value} for value in values])["ms"], "count": count}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,11 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--requests", type=int, default=300, help="per body and server")
     parser.add_argument("--out", type=Path, required=True)
-    add_quiet_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    loads: LoadAverages = loads_from(args)
+    args, loads = start_benchmark(parser, argv)
     png, phrase, _ = scene_png(7)
     bodies = {
         "png_form": (
@@ -165,12 +155,8 @@ def main(argv: list[str] | None = None) -> None:
                 loads.before(name)
                 for body_name, (size, body, count) in bodies.items():
                     values = round_trips(url, body, count, warmup=max(5, count // 10))
-                    results.setdefault(body_name, {"bytes": size})[name] = {
-                        "p50": round(percentile(values, 50), 3),
-                        "p99": round(percentile(values, 99), 3),
-                        "mean": round(statistics.fmean(values), 3),
-                        "requests": count,
-                    }
+                    summary = summarise([{"ms": value} for value in values])["ms"]
+                    results.setdefault(body_name, {"bytes": size})[name] = {**summary, "requests": count}
                 loads.after(name)
             finally:
                 child.terminate()

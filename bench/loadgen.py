@@ -128,6 +128,23 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
+def summarise(rows: list[dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """p50 / p99 / mean of every column of `rows` (3 decimals): the summary every sequential benchmark reports."""
+    out: dict[str, dict[str, float | None]] = {}
+    for key in rows[0]:
+        values = [row[key] for row in rows]
+        out[key] = {
+            "p50": _r(percentile(values, 50)),
+            "p99": _r(percentile(values, 99)),
+            "mean": _r(statistics.fmean(values)),
+        }
+    return out
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 @dataclass
 class LoadResult:
     """All records of one run plus what was asked for."""

@@ -10,6 +10,7 @@ benchmark's own load between them, about a minute per point, while the shared ma
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import time
@@ -98,4 +99,23 @@ def loads_from(args: Any) -> LoadAverages:
     return LoadAverages(args.quiet_threshold, args.quiet_poll, args.quiet_max_wait, not args.no_quiet_wait)
 
 
-__all__ = ["LoadAverages", "add_quiet_arguments", "load_average", "loads_from", "wait_for_quiet"]
+def start_benchmark(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, LoadAverages]:
+    """What every benchmark's `main` does first: add the --quiet-* options, parse `argv`, log at INFO with times
+    (httpx's per-request lines off), and the load-average recorder the options describe."""
+    add_quiet_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return args, loads_from(args)
+
+
+__all__ = [
+    "LoadAverages",
+    "add_quiet_arguments",
+    "load_average",
+    "loads_from",
+    "start_benchmark",
+    "wait_for_quiet",
+]

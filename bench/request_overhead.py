@@ -33,7 +33,6 @@ import argparse
 import json
 import logging
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -41,9 +40,9 @@ from typing import Any
 
 import httpx
 
-from bench.loadgen import check_loopback, percentile
+from bench.loadgen import check_loopback, summarise
 from bench.payloads import LARGE_SIZE, SeedBlock, large_jpeg, scene_png, with_comment
-from bench.quiet import LoadAverages, add_quiet_arguments, loads_from
+from bench.quiet import start_benchmark
 from bench.server import default_model_dir, start_service
 
 logger = logging.getLogger(__name__)
@@ -66,23 +65,6 @@ def overhead_of(client_ms: float, timing: dict[str, float]) -> dict[str, float]:
         "server_rest": server_rest,
         "client_rest": client_ms - timing["total"],
     }
-
-
-def summarise(rows: list[dict[str, float]]) -> dict[str, dict[str, float | None]]:
-    """p50 / p99 / mean of every column of `rows` (ms, 3 decimals)."""
-    out: dict[str, dict[str, float | None]] = {}
-    for key in rows[0]:
-        values = [row[key] for row in rows]
-        out[key] = {
-            "p50": _r(percentile(values, 50)),
-            "p99": _r(percentile(values, 99)),
-            "mean": _r(statistics.fmean(values)),
-        }
-    return out
-
-
-def _r(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
 
 
 def sequential(
@@ -139,12 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", default="8")
     parser.add_argument("--log-level", default="WARNING", help="NUWA_LOG_LEVEL of the server")
     parser.add_argument("--out", type=Path, required=True)
-    add_quiet_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args, loads = start_benchmark(parser, argv)
     model_dir = args.model or default_model_dir()
-    loads: LoadAverages = loads_from(args)
     seeds = SeedBlock()
 
     logger.info("making images")

@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import platform
-import statistics
 import tempfile
 import time
 from collections import defaultdict
@@ -37,9 +36,9 @@ from typing import Any
 
 import httpx
 
-from bench.loadgen import check_loopback, percentile
+from bench.loadgen import check_loopback, summarise
 from bench.payloads import SeedBlock, scene_png
-from bench.quiet import LoadAverages, add_quiet_arguments, loads_from
+from bench.quiet import start_benchmark
 from bench.request_overhead import MODEL_STAGES
 from bench.server import default_model_dir, start_service
 
@@ -94,12 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--out", type=Path, required=True)
-    add_quiet_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args, loads = start_benchmark(parser, argv)
     model_dir = args.model or default_model_dir()
-    loads: LoadAverages = loads_from(args)
     seeds = SeedBlock()
     first = seeds.take(args.warmup + args.requests)
     bodies = [scene_png(seed)[:2] for seed in range(first, first + args.warmup + args.requests)]
@@ -131,15 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         code = service.stop()
     rows = hop_rows(read_points(spans_file), client_points)
-    columns = [name for name, _, _ in HOPS] + ["client", "model stages", "overhead", "image_decode"]
-    summary = {
-        column: {
-            "p50": round(percentile([row[column] for row in rows], 50), 3),
-            "p99": round(percentile([row[column] for row in rows], 99), 3),
-            "mean": round(statistics.fmean(row[column] for row in rows), 3),
-        }
-        for column in columns
-    }
+    summary = summarise(rows)
     out = {
         "model_dir": str(model_dir),
         "machine": f"{platform.processor() or platform.machine()}, 2 shared cores, no GPU; worker 1 torch thread",

@@ -42,7 +42,7 @@ import httpx
 from bench.loadgen import Payload, closed_loop, run
 from bench.payloads import SeedBlock, distinct_scenes
 from bench.peer import start_peer
-from bench.quiet import LoadAverages, add_quiet_arguments, loads_from
+from bench.quiet import LoadAverages, start_benchmark
 from bench.server import default_model_dir, start_service
 
 logger = logging.getLogger(__name__)
@@ -127,12 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both model processes")
     parser.add_argument("--check-images", type=int, default=6)
     parser.add_argument("--out", type=Path, required=True)
-    add_quiet_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args, loads = start_benchmark(parser, argv)
     model_dir = args.model or default_model_dir()
-    loads = loads_from(args)
     log_dir = Path(tempfile.mkdtemp(prefix="nuwa-bench-peer-"))
     seeds = SeedBlock()
     started = time.monotonic()
