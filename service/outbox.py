@@ -119,6 +119,16 @@ class Outbox:
         self._thread.start()
 
     @property
+    def pending(self) -> int:
+        """Messages handed to the writer thread and not yet written; 0 means the next small one may go inline.
+
+        The other end can hold a message before this drops: the thread counts it written only after `write_all`
+        returns, so a test that reads the message and then expects an idle writer has to wait for 0 first.
+        """
+        with self._lock:
+            return self._pending
+
+    @property
     def broken(self) -> BaseException | None:
         """The error that stopped the writer (the peer went away), or None while it works."""
         return self._broken

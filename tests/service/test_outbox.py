@@ -32,6 +32,13 @@ def _receive(conn: Connection, count: int, timeout_s: float = 20.0) -> list[obje
     return got
 
 
+def _wait_until_idle(outbox: Outbox, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while outbox.pending and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert outbox.pending == 0, "the writer thread never finished its queue"
+
+
 def _batch(image_bytes: int) -> RunBatch:
     item = WorkItem(
         request_id="r1",
@@ -81,7 +88,8 @@ def test_a_batch_with_large_images_is_pickled_by_the_thread() -> None:
     assert outbox.inline_sends == 0  # the small one queued behind the large one, never overtaking it
     got = _receive(theirs, 2)
     assert got == [large, small]
-    outbox.send(small)  # the writer is idle again
+    _wait_until_idle(outbox)  # the reader can have both before the thread has counted the second one written
+    outbox.send(small)
     assert outbox.inline_sends == 1
     assert _receive(theirs, 1) == [small]
     assert outbox.close()
