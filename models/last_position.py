@@ -9,12 +9,14 @@ the last `rows_per_sample(B)` positions of each sample, and their output is put 
 full shape. The rows nobody reads then hold the residual alone.
 
 Why it is exact, not close: a row of a matrix product depends only on that input row as long as the BLAS runs the
-same kernel for it. Measured with MKL on this project's CPU: a product over any subset of at least 4 rows gives
-the full product's rows to the last bit; over 1-3 rows it does not (a small-M path, up to 3e-5 apart). So at
+same kernel for it. Measured with MKL on the Xeon of earlier sessions: a product over any subset of at least 4 rows
+gives the full product's rows to the last bit; over 1-3 rows it does not (a small-M path, up to 3e-5 apart). So at
 least `min_rows` rows always run, `min_rows` being what a seeded random probe of the layer's own weights at
 start-up (`LastPositionRows.probe_min_rows`) found exact in the layout the prefill uses, and nothing is armed when
-no row count passes (a BLAS that picks its kernel by the row count, as GPU libraries may). The other arithmetic of
-the layer (residual adds, RMSNorm, the MLP's activation and product) is per row.
+no row count passes (a BLAS that picks its kernel by the row count, as GPU libraries may). Which way it goes
+depends on the CPU: on an AVX-512 / AMX Xeon, with the same torch wheel, products over up to 175 rows of a
+1024-wide input differ from the full product's rows, so there the probe refuses and the whole layer runs. The other
+arithmetic of the layer (residual adds, RMSNorm, the MLP's activation and product) is per row.
 
 Used only with the fast decode step's model family (a stock `LlamaModel` with sdpa: the LLaVA family) and with
 `NUWA_FAST_PATHS` on; armed by `VisionLanguageAdapter.run_llm` around a prefill with `logits_to_keep=1`, nowhere
@@ -101,9 +103,22 @@ class LastPositionRows:
         """Positions per sample that run: enough that the batch runs at least `min_rows` rows."""
         return max(1, math.ceil(self.min_rows / batch))
 
+    def covers(self, batch: int) -> bool:
+        """Whether the probe tried the row count a batch of this size would run (at most `PROBE_ROWS` rows).
+
+        A larger batch (`NUWA_MAX_BATCH_SIZE` has no upper bound) runs the whole layer: exactness was measured
+        only up to `PROBE_ROWS`, and on some CPUs a product over a larger subset differs again (an AVX-512 Xeon
+        gave inexact rows up to 175 of 1024-wide inputs).
+        """
+        return batch * self.rows_per_sample(batch) <= PROBE_ROWS
+
     @contextlib.contextmanager
     def only_last(self, batch: int) -> Iterator[None]:
-        """Within: the hooked modules compute the last `rows_per_sample(batch)` positions of each sample only."""
+        """Within: the hooked modules compute the last `rows_per_sample(batch)` positions of each sample only
+        (nothing changes for a batch the probe does not cover)."""
+        if not self.covers(batch):
+            yield
+            return
         self._keep = self.rows_per_sample(batch)
         self.armed_runs += 1
         try:

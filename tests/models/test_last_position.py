@@ -1,8 +1,13 @@
-"""The prefill's last layer runs o_proj and the MLP on the last positions only, bit-identical (`models.last_position`).
+"""The prefill's last layer runs o_proj and the MLP on the last positions only (`models.last_position`).
 
 Each case runs the same prefill twice, hooks armed and the whole layer, and compares the logits and every layer's
-KV cache with `torch.equal`: unpruned, stage-2 drops (Nüwa, FastV: the last layer sees a re-padded, shorter
-sequence), stage 1 only, mixed methods in one padded batch, and batch sizes below and above the probe's row count.
+KV cache: unpruned, stage-2 drops (Nüwa, FastV: the last layer sees a re-padded, shorter sequence), stage 1 only,
+mixed methods in one padded batch, and batch sizes below and above the probe's row count.
+
+Where this CPU's BLAS passed the start-up probe the comparison is `torch.equal` (what the service relies on). Where
+it refused every row count (an AVX-512 / AMX Xeon does, for the built-in model's 1024-wide MLP), the service runs
+the whole layer; the tests then attach the hooks anyway with `PROBE_MAX_ROWS` rows, so the narrowing and widening
+are still checked: KV caches equal, logits to float32 tolerance with the same argmax.
 """
 
 from __future__ import annotations
@@ -57,7 +62,22 @@ def _prefill(adapter, llm, armed: bool) -> tuple[torch.Tensor, list[tuple[torch.
     return logits, [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _assert_same_prefill(adapter, images, configs) -> None:
+def _with_hooks(adapter) -> tuple[object, bool]:
+    """The adapter, and whether its hooks are the probe's (bit-exact here) rather than attached by the test.
+
+    Where the probe refused, `last_rows` is None (the service's behaviour, checked below); the hooks are attached
+    with `PROBE_MAX_ROWS` rows so that every case still runs the narrowed layer.
+    """
+    if adapter.last_rows is not None:
+        return adapter, True
+    layer = adapter.decoder_layers[-1]
+    assert LastPositionRows.for_layer(layer) is None  # the service really runs the whole layer here
+    adapter.last_rows = LastPositionRows(layer.self_attn.o_proj, layer.mlp, last_position.PROBE_MAX_ROWS)
+    return adapter, False
+
+
+def _assert_same_prefill(fixture: tuple[object, bool], images, configs) -> None:
+    adapter, exact = fixture
     batch = adapter.prepare(images, PROMPTS[: len(images)])
     with torch.inference_mode():
         llm = adapter.prune(batch, configs)
@@ -65,21 +85,25 @@ def _assert_same_prefill(adapter, images, configs) -> None:
         fast_logits, fast_cache = _prefill(adapter, llm, armed=True)
         assert adapter.last_rows.armed_runs == before + 1
         stock_logits, stock_cache = _prefill(adapter, llm, armed=False)
-    assert torch.equal(fast_logits, stock_logits), float((fast_logits - stock_logits).abs().max())
+    if exact:
+        assert torch.equal(fast_logits, stock_logits), float((fast_logits - stock_logits).abs().max())
+    else:
+        torch.testing.assert_close(fast_logits, stock_logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(fast_logits.argmax(-1), stock_logits.argmax(-1))
     assert len(fast_cache) == len(stock_cache)
     for (fast_keys, fast_values), (keys, values) in zip(fast_cache, stock_cache, strict=True):
         assert torch.equal(fast_keys, keys) and torch.equal(fast_values, values)
 
 
 @pytest.fixture(scope="module")
-def tiny_adapter() -> LlavaAdapter:
+def tiny_adapter() -> tuple[LlavaAdapter, bool]:
     model, processor = tiny_llava(seed=0)
-    return LlavaAdapter(model, processor)
+    return _with_hooks(LlavaAdapter(model, processor))
 
 
 @pytest.fixture(scope="module")
 def builtin_adapter():
-    return load_runner(BUILTIN_MODEL_DIR, device="cpu").adapter
+    return _with_hooks(load_runner(BUILTIN_MODEL_DIR, device="cpu").adapter)
 
 
 @pytest.mark.parametrize(
@@ -95,14 +119,14 @@ def builtin_adapter():
     ],
     ids=["1-none", "1-nuwa", "2-none", "3-mixed", "4-mixed", "8-none", "8-drops"],
 )
-def test_tiny_llava_prefill_is_bit_identical(tiny_adapter, configs) -> None:
+def test_tiny_llava_prefill_matches_the_whole_layer(tiny_adapter, configs) -> None:
     _assert_same_prefill(tiny_adapter, _images(len(configs), 64), configs)
 
 
 @pytest.mark.parametrize("scoring", ["last_token_mean", "text_cosine"])
-def test_a_drop_right_before_the_last_layer_is_bit_identical(tiny_adapter, scoring) -> None:
+def test_a_drop_right_before_the_last_layer_matches_the_whole_layer(tiny_adapter, scoring) -> None:
     """The last layer then sees the controller's re-padded, shorter sequence."""
-    last = len(tiny_adapter.decoder_layers) - 1
+    last = len(tiny_adapter[0].decoder_layers) - 1
     drop = PruningConfig(method="nuwa", budget=0.25, stage2_layer=last, stage2_scoring=scoring)
     _assert_same_prefill(tiny_adapter, _images(3, 64), [drop, NONE, drop])
 
@@ -112,11 +136,12 @@ def test_a_drop_right_before_the_last_layer_is_bit_identical(tiny_adapter, scori
     [[NONE], [NUWA_50], [NONE, NUWA_25, FASTV_50], [NONE] * 8, [NUWA_50] * 8],
     ids=["1-none", "1-nuwa50", "3-mixed", "8-none", "8-nuwa50"],
 )
-def test_builtin_prefill_is_bit_identical(builtin_adapter, configs) -> None:
+def test_builtin_prefill_matches_the_whole_layer(builtin_adapter, configs) -> None:
     _assert_same_prefill(builtin_adapter, _images(len(configs), 336), configs)
 
 
 def test_only_the_last_positions_run_through_the_mlp(builtin_adapter) -> None:
+    builtin_adapter, _ = builtin_adapter
     rows = builtin_adapter.last_rows
     assert rows is not None and rows.min_rows >= 1
     seen: list[tuple[int, ...]] = []
@@ -139,6 +164,7 @@ def test_only_the_last_positions_run_through_the_mlp(builtin_adapter) -> None:
 
 def test_hooks_are_inert_outside_a_prefill(builtin_adapter) -> None:
     """Decode steps call the hooked o_proj: there it runs on every row it is given, untouched."""
+    builtin_adapter, _ = builtin_adapter
     layer = builtin_adapter.decoder_layers[-1]
     states = torch.randn(2, 7, layer.self_attn.o_proj.in_features)
     with torch.inference_mode():
@@ -170,6 +196,20 @@ def test_rows_per_sample_covers_the_minimum() -> None:
     rows = LastPositionRows.__new__(LastPositionRows)
     rows.min_rows = 4
     assert [rows.rows_per_sample(b) for b in (1, 2, 3, 4, 5, 16)] == [4, 2, 2, 1, 1, 1]
+
+
+def test_a_batch_beyond_the_probed_rows_runs_the_whole_layer() -> None:
+    """`NUWA_MAX_BATCH_SIZE` has no upper bound; exactness was measured up to `PROBE_ROWS` rows only."""
+    mlp = nn.Module()
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+    rows = LastPositionRows(nn.Linear(8, 8), mlp, min_rows=4)
+    limit = last_position.PROBE_ROWS
+    assert rows.covers(limit) and not rows.covers(limit + 1)
+    with rows.only_last(limit):
+        assert rows._keep == 1
+    with rows.only_last(limit + 1):
+        assert rows._keep is None  # not armed: the hooks pass every row through
+    assert rows.armed_runs == 1
 
 
 def test_other_families_and_fast_paths_off_run_the_whole_layer() -> None:
