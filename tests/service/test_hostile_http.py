@@ -109,7 +109,9 @@ def test_an_idle_keep_alive_connection_is_closed_after_keep_alive_s(hostile_serv
         idle_from = time.monotonic()
         assert closed_by_peer(sock, KEEP_ALIVE_S + 2.0)
         idle = time.monotonic() - idle_from
-    assert KEEP_ALIVE_S - 0.3 <= idle <= KEEP_ALIVE_S + 2.0  # uvicorn's own default is 5 s
+    # The server's timer starts when it sends the response, before `idle_from`: a client descheduled for a moment
+    # sees a shorter idle time, hence the wide lower bound (still far from an immediate close).
+    assert KEEP_ALIVE_S - 1.0 <= idle <= KEEP_ALIVE_S + 2.0  # uvicorn's own default is 5 s
 
 
 def test_connections_over_the_cap_get_a_json_503(
@@ -119,6 +121,7 @@ def test_connections_over_the_cap_get_a_json_503(
     time.sleep(0.5)  # and let the server see the earlier tests' connections close
     held: list[socket.socket] = []
     try:
+        first_held_at = time.monotonic()
         for _ in range(MAX_CONNECTIONS):
             held.append(connect(hostile_server.base_url))
         time.sleep(0.3)  # let the server register all of them
@@ -131,10 +134,13 @@ def test_connections_over_the_cap_get_a_json_503(
         assert str(MAX_CONNECTIONS) in error["message"] and "NUWA_MAX_CONNECTIONS" in error["message"]
         assert response.headers.get("retry-after") == "1"
         assert response.closed and response.elapsed_s < 2.0 and time.monotonic() - started < 3.0
-        for sock in held:  # the ones under the cap were accepted and left waiting for their headers
-            sock.setblocking(False)
-            with pytest.raises(BlockingIOError):
-                sock.recv(1)
+        # The ones under the cap were accepted and left waiting for their headers (checked while their header
+        # timeout cannot have run out yet: on a slow machine it may have, and then closing them is right).
+        if time.monotonic() - first_held_at < HEADER_TIMEOUT_S - 0.2:
+            for sock in held:
+                sock.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    sock.recv(1)
     finally:
         for sock in held:
             sock.close()

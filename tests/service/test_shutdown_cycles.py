@@ -52,11 +52,16 @@ def test_stopping_while_batches_are_in_flight_twenty_times(model_dir: Path, tmp_
 
                 futures = [pool.submit(send, png) for png in images]
                 deadline = time.monotonic() + 5
-                while time.monotonic() < deadline:  # wait until batches are really in the worker
+                # Wait until batches are really in the worker AND every request has reached the server (queued, in
+                # the worker, or answered): one still connecting when the drain ends would find the socket closed.
+                while time.monotonic() < deadline:
                     load = client.get("/readyz").json().get("load") or {}
-                    if load.get("batches_in_worker", 0) >= 1:
+                    arrived = sum(f.done() for f in futures) + load.get("queued_requests", 0)
+                    arrived += load.get("requests_in_worker", 0)
+                    settled = load.get("batches_in_worker", 0) >= 1 or all(f.done() for f in futures)
+                    if settled and arrived >= len(futures):
                         break
-                    time.sleep(0.01)
+                    time.sleep(0.005)
                 handle.process.send_signal(signal.SIGTERM)
                 statuses = [future.result(timeout=60) for future in futures]
             code = handle.process.wait(timeout=45)
