@@ -1,10 +1,15 @@
-"""One cached decode step of a Llama language model without the transformers model stack, bit-identical to it.
+"""One cached decode step of a Llama-style language model without the transformers model stack, bit-identical.
+
+Llama-style: LLaVA's Llama, Qwen2.5-VL's text model (q/k/v biases) and dense Qwen3-VL's (per-head q/k norms), all
+with M-RoPE or plain RoPE ids their own `rotary_emb` turns into cos/sin (`LLAMA_STYLE`).
 
 Why: a decode step feeds one token per sample, so its matrix products are tiny and the step's cost is mostly
 Python: the stock `LlavaForConditionalGeneration.forward` builds the causal mask, runs the output-capturing and
 kwargs-checking wrappers, and every decoder layer goes through its checkpointing wrapper and our stage-2
 pre-hook, each step. Measured on the built-in model (1 CPU thread, `bench/engine_vs_generate.py`'s setting):
-8.5 -> 7.1 ms per step at batch 1 and 14.5 -> 12.1 ms at batch 8, the same logits to the last bit.
+8.5 -> 7.1 ms per step at batch 1 and 14.5 -> 12.1 ms at batch 8, the same logits to the last bit. With every
+change below, `bench/decode_step.py` gives 0.71x / 0.69x the stock step's time on the built-in model and
+0.85x / 0.93x on the Qwen families at smoke widths (batch 1 / 8, an AVX-512 CPU).
 
 The KV cache of the steps is `KVBuffers`: the prefill's cache copied once into buffers with room for the next
 tokens, written in place. transformers' `DynamicCache` concatenates every layer's whole cache on every step
@@ -22,7 +27,8 @@ below, a step takes 0.83-0.85x the time of the step before these changes at batc
 the fused products alone account for 0.90x / 0.89x of it.
 
 How it stays identical: the same modules and functions do the arithmetic in the same order as
-`LlamaDecoderLayer` and `LlamaAttention` (the layer's own norm weights through `rms_norm`, which is
+`LlamaDecoderLayer` and `LlamaAttention`, or the Qwen layers, which differ only by the biases and q/k norms that
+`_layer` mirrors (the layer's own norm weights through `rms_norm`, which is
 `LlamaRMSNorm.forward`'s arithmetic, its projections and MLP, the modeling file's
 `apply_rotary_pos_emb`, the configured attention function, the cache's own `update`); only the glue is ours. The
 attention mask of each layer is the one the stock path would see: the prompt's padding mask (None when nothing
@@ -95,16 +101,20 @@ class KVBuffers:
 
 @dataclass(frozen=True)
 class FusedProjections:
-    """One decoder layer's q/k/v weights as one `(q + 2 kv, hidden)` tensor and gate/up as one `(2 I, hidden)`."""
+    """One decoder layer's q/k/v weights as one `(q + 2 kv, hidden)` tensor and gate/up as one `(2 I, hidden)`,
+    with their biases fused the same way where the modules have them (Qwen2's q/k/v do)."""
 
     qkv: torch.Tensor
     gate_up: torch.Tensor
+    qkv_bias: torch.Tensor | None = None
+    gate_up_bias: torch.Tensor | None = None
 
     @classmethod
     def fuse(cls, layer: torch.nn.Module) -> FusedProjections | None:
-        """Move the layer's weights into the fused tensors and point the modules at row views of them.
+        """Move the layer's weights (and biases) into the fused tensors and point the modules at row views of them.
 
-        None (nothing changed) unless all five are plain bias-free `nn.Linear` on one device in one dtype.
+        None (nothing changed) unless all five are plain `nn.Linear` on one device in one dtype, and within each
+        group either every module has a bias or none has.
         """
         attention, mlp = layer.self_attn, layer.mlp
         groups = [
@@ -112,21 +122,33 @@ class FusedProjections:
             [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)],
         ]
         modules = [module for group in groups for module in group]
-        if any(type(module) is not torch.nn.Linear or module.bias is not None for module in modules):
+        if any(type(module) is not torch.nn.Linear for module in modules):
+            return None
+        if any(len({module.bias is None for module in group}) != 1 for group in groups):
             return None
         weights = [module.weight for module in modules]
         if len({(w.device, w.dtype, w.shape[1]) for w in weights}) != 1 or weights[0].device.type == "meta":
             return None
-        fused = []
+        fused: list[torch.Tensor | None] = []
         for group in groups:
-            whole = torch.cat([module.weight.detach() for module in group])
-            start = 0
-            for module in group:
-                rows = module.weight.shape[0]
-                module.weight = torch.nn.Parameter(whole[start : start + rows], requires_grad=False)
-                start += rows
-            fused.append(whole)
-        return cls(qkv=fused[0], gate_up=fused[1])
+            for attribute in ("weight", "bias"):
+                if getattr(group[0], attribute) is None:
+                    fused.append(None)
+                    continue
+                whole = torch.cat([getattr(module, attribute).detach() for module in group])
+                start = 0
+                for module in group:
+                    rows = getattr(module, attribute).shape[0]
+                    setattr(
+                        module,
+                        attribute,
+                        torch.nn.Parameter(whole[start : start + rows], requires_grad=False),
+                    )
+                    start += rows
+                fused.append(whole)
+        qkv, qkv_bias, gate_up, gate_up_bias = fused
+        assert qkv is not None and gate_up is not None
+        return cls(qkv=qkv, gate_up=gate_up, qkv_bias=qkv_bias, gate_up_bias=gate_up_bias)
 
 
 def rms_norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -139,6 +161,20 @@ def rms_norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     variance = states.pow(2).mean(-1, keepdim=True)
     states = states * torch.rsqrt(variance + norm.variance_epsilon)
     return norm.weight * (states if dtype == torch.float32 else states.to(dtype))
+
+
+LLAMA_STYLE: dict[str, tuple[str, str]] = {
+    "LlamaModel": ("LlamaDecoderLayer", "LlamaRMSNorm"),
+    "Qwen2_5_VLTextModel": ("Qwen2_5_VLDecoderLayer", "Qwen2_5_VLRMSNorm"),
+    "Qwen3VLTextModel": ("Qwen3VLTextDecoderLayer", "Qwen3VLTextRMSNorm"),
+}
+"""Language models whose decoder layer is Llama's, up to what `_layer` mirrors: text model -> (decoder layer,
+RMSNorm) class names. Qwen2.5-VL adds biases to q/k/v; Qwen3-VL adds `q_norm`/`k_norm` on each head before the
+rotary embedding; both take M-RoPE positions `(3, B, L)`, which their own `rotary_emb` turns into the same
+`cos`/`sin` layout as Llama's. Every one of them is checked against its stock forward bit for bit
+(`tests/models/test_fast_decode.py`). The MoE text models (another class name) keep the stock forward."""
+
+QK_NORMS = ("q_norm", "k_norm")
 
 
 class LlamaDecodeStep:
@@ -167,21 +203,26 @@ class LlamaDecodeStep:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> LlamaDecodeStep | None:
-        """The fast step for a LLaVA-style model whose language model is a stock `LlamaModel` with sdpa, else None."""
+        """The fast step for a model whose language model is one of `LLAMA_STYLE` with sdpa and no sliding window
+        (LLaVA's Llama, Qwen2.5-VL's and dense Qwen3-VL's text models), else None."""
         language_model = getattr(getattr(model, "model", None), "language_model", None)
-        if language_model is None or type(language_model).__name__ != "LlamaModel":
+        kinds = LLAMA_STYLE.get(type(language_model).__name__)
+        if kinds is None:
             return None
+        layer_kind, norm_kind = kinds
         config = language_model.config
         layers = getattr(language_model, "layers", None)
         if (
             not layers
-            or any(type(layer).__name__ != "LlamaDecoderLayer" for layer in layers)
+            or any(type(layer).__name__ != layer_kind for layer in layers)
             or any(
-                type(norm).__name__ != "LlamaRMSNorm"
+                type(norm).__name__ != norm_kind
                 for layer in layers
                 for norm in (layer.input_layernorm, layer.post_attention_layernorm)
+                + tuple(getattr(layer.self_attn, name) for name in QK_NORMS if hasattr(layer.self_attn, name))
             )
-            or type(getattr(language_model, "norm", None)).__name__ != "LlamaRMSNorm"
+            or any(getattr(layer.self_attn, "sliding_window", None) is not None for layer in layers)
+            or type(getattr(language_model, "norm", None)).__name__ != norm_kind
             or getattr(config, "_attn_implementation", None) != "sdpa"
             or getattr(config, "pretraining_tp", 1) != 1
             or model.get_output_embeddings() is None
@@ -205,6 +246,8 @@ class LlamaDecodeStep:
         fused = self.fused if self.fused is not None and self.fusion_is_exact(batch) else None
         hidden = self.embed(generated[:, -1:])
         position = llm.position_ids[..., -1:] + generated.shape[1]
+        if position.ndim == 3 and position.shape[0] == 4:  # M-RoPE ids with a text row first: the stock model
+            position = position[1:]  # reads the last three for the rotary embedding
         cos, sin = self.language_model.rotary_emb(hidden, position)
         if fused is not None:
             # per head (B, 1, 1, D), and rotate_half's negation moved onto sin (see `_fused_qkv`)
@@ -239,12 +282,12 @@ class LlamaDecodeStep:
         with torch.inference_mode():
             for layer, fused in zip(self.layers, self.fused, strict=True):
                 attention, mlp = layer.self_attn, layer.mlp
-                for whole, parts in (
-                    (fused.qkv, (attention.q_proj, attention.k_proj, attention.v_proj)),
-                    (fused.gate_up, (mlp.gate_proj, mlp.up_proj)),
+                for whole, bias, parts in (
+                    (fused.qkv, fused.qkv_bias, (attention.q_proj, attention.k_proj, attention.v_proj)),
+                    (fused.gate_up, fused.gate_up_bias, (mlp.gate_proj, mlp.up_proj)),
                 ):
                     apart = torch.cat([part(probe) for part in parts], dim=-1)
-                    exact = exact and torch.equal(F.linear(probe, whole), apart)
+                    exact = exact and torch.equal(F.linear(probe, whole, bias), apart)
         self._exact_at[batch] = exact
         return exact
 
@@ -285,8 +328,11 @@ class LlamaDecodeStep:
         hidden = rms_norm(layer.input_layernorm, hidden)
         if fused is None:
             shape = (batch, 1, -1, attention.head_dim)
-            query = attention.q_proj(hidden).view(shape).transpose(1, 2)
-            key = attention.k_proj(hidden).view(shape).transpose(1, 2)
+            query = attention.q_proj(hidden).view(shape)
+            key = attention.k_proj(hidden).view(shape)
+            if hasattr(attention, "q_norm"):  # Qwen3: per-head RMSNorm before the rotary embedding
+                query, key = rms_norm(attention.q_norm, query), rms_norm(attention.k_norm, key)
+            query, key = query.transpose(1, 2), key.transpose(1, 2)
             value = attention.v_proj(hidden).view(shape).transpose(1, 2)
             query, key = self.apply_rotary(query, key, cos, sin)
         else:
@@ -299,7 +345,7 @@ class LlamaDecodeStep:
         hidden = rms_norm(layer.post_attention_layernorm, hidden)
         if fused is None:
             return residual + layer.mlp(hidden)
-        gate, up = F.linear(hidden, fused.gate_up).chunk(2, dim=-1)
+        gate, up = F.linear(hidden, fused.gate_up, fused.gate_up_bias).chunk(2, dim=-1)
         return residual + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
     @staticmethod
@@ -320,12 +366,20 @@ class LlamaDecodeStep:
         """
         heads = attention.q_proj.weight.shape[0] // attention.head_dim
         kv_heads = attention.k_proj.weight.shape[0] // attention.head_dim
-        projected = (
-            F.linear(hidden, fused.qkv).view(hidden.shape[0], 1, -1, attention.head_dim).transpose(1, 2)
-        )
+        projected = F.linear(hidden, fused.qkv, fused.qkv_bias)
+        projected = projected.view(hidden.shape[0], 1, -1, attention.head_dim)
+        # Qwen3: per-head RMSNorm of query and key before the rotary embedding
+        if hasattr(attention, "q_norm"):
+            normed = (
+                rms_norm(attention.q_norm, projected[:, :, :heads]),
+                rms_norm(attention.k_norm, projected[:, :, heads : heads + kv_heads]),
+                projected[:, :, heads + kv_heads :],
+            )
+            projected = torch.cat(normed, dim=2)
+        projected = projected.transpose(1, 2)
         query_key = projected[:, : heads + kv_heads]
         rotated = query_key * cos + query_key.roll(query_key.shape[-1] // 2, dims=-1) * sin
         return rotated[:, :heads], rotated[:, heads:], projected[:, heads + kv_heads :]
 
 
-__all__ = ["FusedProjections", "KVBuffers", "KeyValid", "LlamaDecodeStep"]
+__all__ = ["LLAMA_STYLE", "FusedProjections", "KVBuffers", "KeyValid", "LlamaDecodeStep"]

@@ -18,7 +18,8 @@ depends on the CPU: on an AVX-512 / AMX Xeon, with the same torch wheel, product
 1024-wide input differ from the full product's rows, so there the probe refuses and the whole layer runs. The other
 arithmetic of the layer (residual adds, RMSNorm, the MLP's activation and product) is per row.
 
-Used only with the fast decode step's model family (a stock `LlamaModel` with sdpa: the LLaVA family) and with
+Used only with the fast decode step's model families (Llama-style text models with sdpa: LLaVA, Qwen2.5-VL and
+dense Qwen3-VL, `models.fast_decode.LLAMA_STYLE`) and with
 `NUWA_FAST_PATHS` on; armed by `VisionLanguageAdapter.run_llm` around a prefill with `logits_to_keep=1`, nowhere
 else (decode steps, and the full forward of `forward`, run stock).
 """

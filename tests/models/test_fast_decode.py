@@ -24,7 +24,8 @@ from models.fast_decode import FusedProjections, KVBuffers, LlamaDecodeStep
 from models.llava import LlavaAdapter
 from models.loading import load_runner
 from models.qwen2_5_vl import Qwen2_5_VLAdapter
-from tests.models.tiny import tiny_llava, tiny_qwen
+from models.qwen3_vl import Qwen3VLAdapter
+from tests.models.tiny import tiny_llava, tiny_qwen, tiny_qwen3_vl
 
 torch.set_num_threads(1)
 
@@ -118,9 +119,62 @@ def test_builtin_checkpoint_fast_step_is_exact_and_used_by_generation() -> None:
     assert [len(s) for s in sequences] == [6, 6]
 
 
+def _with_random_biases_and_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Random q/k/v biases and norm weights: initialised, they are 0 and 1, which would hide a bias or norm left out."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, parameter in model.model.language_model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                parameter.copy_(parameter + 0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module", params=["qwen2.5-vl", "qwen3-vl"])
+def qwen_adapter(request) -> Qwen2_5_VLAdapter:
+    if request.param == "qwen2.5-vl":
+        model, processor = tiny_qwen(seed=0)
+        return Qwen2_5_VLAdapter(_with_random_biases_and_norms(model), processor)
+    model, processor = tiny_qwen3_vl(seed=0)
+    return Qwen3VLAdapter(_with_random_biases_and_norms(model), processor)
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        [PruningConfig(method="none")] * 3,
+        [
+            PruningConfig(method="nuwa", budget=0.25),
+            PruningConfig(method="none"),
+            PruningConfig(method="fastv", budget=0.5),
+        ],
+    ],
+    ids=["unpruned", "mixed-drops"],
+)
+def test_qwen_fast_step_equals_the_stock_forward_exactly(qwen_adapter, configs, monkeypatch) -> None:
+    """Qwen2.5-VL (q/k/v biases) and Qwen3-VL (per-head q/k norms): M-RoPE positions of a padded, pruned batch."""
+    monkeypatch.setattr(KVBuffers, "chunk", 2)
+    step = qwen_adapter.fast_decode_step
+    assert step is not None and step.fused is not None and step.fusion_is_exact(3)
+    if isinstance(qwen_adapter, Qwen3VLAdapter):
+        assert hasattr(step.layers[0].self_attn, "q_norm")
+    else:
+        assert step.fused[0].qkv_bias is not None
+    differences = _side_by_side(qwen_adapter, _images(3, 112), configs)
+    assert differences == [0.0] * 5
+
+
+def test_qwen_separate_products_equal_the_stock_forward_exactly(qwen_adapter, monkeypatch) -> None:
+    """The path a batch size takes when its fused products were not exact (biases and q/k norms unfused)."""
+    monkeypatch.setattr(LlamaDecodeStep, "fusion_is_exact", lambda self, batch: False)
+    configs = [PruningConfig(method="nuwa", budget=0.25), PruningConfig(method="none")]
+    assert _side_by_side(qwen_adapter, _images(2, 112), configs, steps=3) == [0.0] * 3
+
+
 def test_other_language_models_keep_the_stock_forward() -> None:
+    model, processor = tiny_qwen3_vl(seed=0, moe=True)
+    assert Qwen3VLAdapter(model, processor).fast_decode_step is None  # the MoE text model
     model, processor = tiny_qwen(seed=0)
-    assert Qwen2_5_VLAdapter(model, processor).fast_decode_step is None
+    assert Qwen2_5_VLAdapter(model, processor, fast_paths=False).fast_decode_step is None
     model, processor = tiny_llava(seed=0)
     model.config.text_config._attn_implementation = "eager"
     assert LlamaDecodeStep.for_model(model) is None

@@ -26,7 +26,8 @@ from models.last_position import LastPositionRows
 from models.llava import LlavaAdapter
 from models.loading import load_runner
 from models.qwen2_5_vl import Qwen2_5_VLAdapter
-from tests.models.tiny import tiny_llava, tiny_qwen
+from models.qwen3_vl import Qwen3VLAdapter
+from tests.models.tiny import tiny_llava, tiny_qwen, tiny_qwen3_vl
 
 torch.set_num_threads(1)
 
@@ -212,11 +213,30 @@ def test_a_batch_beyond_the_probed_rows_runs_the_whole_layer() -> None:
     assert rows.armed_runs == 1
 
 
+@pytest.fixture(scope="module", params=["qwen2.5-vl", "qwen3-vl"])
+def qwen_adapter(request):
+    if request.param == "qwen2.5-vl":
+        return _with_hooks(Qwen2_5_VLAdapter(*tiny_qwen(seed=0)))
+    return _with_hooks(Qwen3VLAdapter(*tiny_qwen3_vl(seed=0)))  # its deepstack runs in the same prefill
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [[NONE], [NONE, NUWA_25, FASTV_50], [NUWA_50, STAGE1_ONLY, NONE, FASTV_50]],
+    ids=["1-none", "3-mixed", "4-mixed"],
+)
+def test_qwen_prefill_matches_the_whole_layer(qwen_adapter, configs) -> None:
+    """M-RoPE positions and the families' own layers: the same hooks on the last layer's o_proj and MLP."""
+    _assert_same_prefill(qwen_adapter, _images(len(configs), 112), configs)
+
+
 def test_other_families_and_fast_paths_off_run_the_whole_layer() -> None:
     model, processor = tiny_llava(seed=0)
     assert LlavaAdapter(model, processor, fast_paths=False).last_rows is None
     qwen_model, qwen_processor = tiny_qwen(seed=0)
-    assert Qwen2_5_VLAdapter(qwen_model, qwen_processor).last_rows is None
+    assert Qwen2_5_VLAdapter(qwen_model, qwen_processor, fast_paths=False).last_rows is None
+    moe_model, moe_processor = tiny_qwen3_vl(seed=0, moe=True)  # no fast decode step, no shortcut either
+    assert Qwen3VLAdapter(moe_model, moe_processor).last_rows is None
 
 
 def test_the_probe_layouts_try_every_row_count_up_to_its_bound() -> None:
