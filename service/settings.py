@@ -34,9 +34,17 @@ class Settings(BaseSettings):
         default="auto", description='"auto" (CUDA when present, else CPU), "cpu" or "cuda:N".'
     )
     torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads in the worker.")
+    decode_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Images the worker decodes at once (unset: one per four CPUs, 1 to 4); each may hold a "
+        "full raster of up to max_image_pixels x 3 bytes while it decodes.",
+    )
     fast_paths: bool = Field(
         default=True,
-        description="The model path's bit-exact shortcuts (CLIP pixels, CLIP tower stop, Llama decode steps); "
+        description="The model path's bit-exact shortcuts (CLIP pixels, CLIP tower stop, fast decode steps, the "
+        "prefill's last layer on the last positions); "
         "false runs the stock transformers code everywhere.",
     )
     worker_start_timeout_s: float = Field(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service import spans
+from service.batch_decoder import default_decode_threads
 from service.logs import configure_logging
 from service.messages import PingQuery, PingReply, WorkerReady, WorkerStartFailed
 from service.outbox import Outbox
@@ -62,17 +63,19 @@ def run_worker(settings: Settings, batch_conn: Connection, ctrl_conn: Connection
         embedding_cache=_embedding_cache(settings),
         cache_namespace=f"{ready.model_name}:{ready.geometry!r}",
         fault_injection=FaultInjection.parse(settings.fault_injection),
+        decode_threads=settings.decode_threads or default_decode_threads(),
     )
     threading.Thread(
         target=_serve_control, args=(runner, ctrl_conn, pipeline.progress), name="nuwa-control", daemon=True
     ).start()
     outbox.send(ready)
     logger.info(
-        "worker ready: model %s on %s (load %.1f s, warm-up %.1f s)",
+        "worker ready: model %s on %s (load %.1f s, warm-up %.1f s, %d decode threads)",
         ready.model_name,
         ready.device,
         ready.load_s,
         ready.warmup_s,
+        pipeline.decoder.threads,
     )
     pipeline.serve(batch_conn)
     outbox.close()

@@ -1,6 +1,7 @@
 """The worker's two-stage pipeline: one thread prepares batch N+1 while the main thread runs batch N.
 
-    batch pipe --> reader thread: decode images (bounded), run the processor --> prepared queue
+    batch pipe --> reader thread: decode images (bounded, `decode_threads` at once), run the processor
+                   --> prepared queue
                    main thread:   vision (embedding cache) -> prune -> prefill -> decode --> outbox
 
 Why two threads: decoding images and the processor's resize/normalise/tokenise are CPU work, and the device would
@@ -15,24 +16,20 @@ and retried (`service.batching.run_splitting`), so only a request that fails alo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from PIL import Image
-
 from models.tasks import TaskRequest
 from service import spans
+from service.batch_decoder import BatchDecoder
 from service.batching import run_splitting
 from service.errors import NuwaError
-from service.images import decode_for_model
 from service.messages import (
     BatchDone,
     BatchStarted,
@@ -106,6 +103,7 @@ class WorkerPipeline:
         embedding_cache: Vision outputs by image content (None: disabled).
         cache_namespace: Names the model and processor settings in every cache key.
         fault_injection: Test-only stall (see `FaultInjection`).
+        decode_threads: Images decoded at once (`service.batch_decoder`).
     """
 
     def __init__(
@@ -115,6 +113,7 @@ class WorkerPipeline:
         embedding_cache: EmbeddingCache | None,
         cache_namespace: str,
         fault_injection: FaultInjection | None = None,
+        decode_threads: int = 1,
     ) -> None:
         self.runner = runner
         self.outbox = outbox
@@ -123,10 +122,10 @@ class WorkerPipeline:
         self.fault_injection = fault_injection
         self.progress = Progress()
         self._prepared: queue.SimpleQueue[_Prepared | None] = queue.SimpleQueue()
-        self._recent: OrderedDict[tuple[str, tuple[int, int]], Image.Image] = (
-            OrderedDict()
+        geometry = runner.geometry
+        self.decoder = BatchDecoder(
+            geometry.decode_size, geometry.resample, decode_threads
         )  # reader thread only
-        self._recent_bytes = 0
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
 
@@ -134,8 +133,11 @@ class WorkerPipeline:
         """Run until `Shutdown` or until the API process goes away."""
         reader = threading.Thread(target=self._read, args=(conn,), name="nuwa-prepare", daemon=True)
         reader.start()
-        while (prepared := self._prepared.get()) is not None:
-            self._run(prepared)
+        try:
+            while (prepared := self._prepared.get()) is not None:
+                self._run(prepared)
+        finally:
+            self.decoder.close()
 
     # ------------------------------------------------------------------ reader thread
     def _read(self, conn: Connection) -> None:
@@ -163,23 +165,20 @@ class WorkerPipeline:
         prepared = _Prepared(message, received_at, received_at, [])
         for item in message.items:
             spans.mark(item.request_id, "received")
-            start = time.monotonic()
-            digest = _digest(item.image.data)
-            try:
-                image = self._decoded(item, digest)
-            except NuwaError as exc:
-                prepared.failures[item.request_id] = WorkerFailure(
-                    item.request_id, exc.status_code, exc.code, exc.message
-                )
+        for item, decoded in zip(message.items, self.decoder.decode(message.items), strict=True):
+            if decoded.error is not None or decoded.image is None:
+                exc = decoded.error
+                if isinstance(exc, NuwaError):
+                    failure = WorkerFailure(item.request_id, exc.status_code, exc.code, exc.message)
+                else:  # a decoder bug must fail this request, not the worker
+                    logger.error("decoding the image of %s failed", item.request_id, exc_info=exc)
+                    failure = _failure_of(item, exc or RuntimeError("no image"))
+                prepared.failures[item.request_id] = failure
                 continue
-            except Exception as exc:  # a decoder bug must fail this request, not the worker
-                logger.exception("decoding the image of %s failed", item.request_id)
-                prepared.failures[item.request_id] = _failure_of(item, exc)
-                continue
-            prepared.decode_s[item.request_id] = time.monotonic() - start
+            prepared.decode_s[item.request_id] = decoded.seconds
             spans.mark(item.request_id, "decoded")
             prepared.items.append(item)
-            prepared.tasks[item.request_id] = self._task(item, image, digest)
+            prepared.tasks[item.request_id] = self._task(item, decoded.image, decoded.digest)
         if prepared.items:
             try:
                 prepared.whole = self.runner.prepare(list(prepared.tasks.values()))
@@ -187,24 +186,6 @@ class WorkerPipeline:
                 logger.warning("preparing batch %d as a whole failed; it will be split", message.batch_id)
         prepared.ready_at = time.monotonic()
         return prepared
-
-    def _decoded(self, item: WorkItem, digest: str) -> Image.Image:
-        """The model-sized decode of an item's image; a repeated image (several phrases, a client resending it)
-        is decoded once and reused while it stays among the recent ones (`DECODED_CACHE_BYTES`)."""
-        geometry = self.runner.geometry
-        size = geometry.decode_size(item.image.size)
-        key = (digest, size)
-        image = self._recent.get(key)
-        if image is not None:
-            self._recent.move_to_end(key)
-            return image
-        image = decode_for_model(item.image.data, size, geometry.resample)
-        self._recent[key] = image
-        self._recent_bytes += _image_bytes(image)
-        while self._recent_bytes > DECODED_CACHE_BYTES and len(self._recent) > 1:
-            _, old = self._recent.popitem(last=False)
-            self._recent_bytes -= _image_bytes(old)
-        return image
 
     def _task(self, item: WorkItem, image: object, digest: str) -> TaskRequest:
         return TaskRequest(
@@ -313,18 +294,6 @@ class WorkerPipeline:
         if fault.seconds is None:
             threading.Event().wait()
         time.sleep(fault.seconds or 0.0)
-
-
-DECODED_CACHE_BYTES = 64 * 1024 * 1024
-"""Decoded images the reader thread keeps for reuse (they are at most the model's decode size each)."""
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def _image_bytes(image: Image.Image) -> int:
-    return image.size[0] * image.size[1] * len(image.getbands())
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

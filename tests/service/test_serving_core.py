@@ -202,13 +202,15 @@ def test_readyz_reports_the_load(window_server: ServerProcess) -> None:
 
 @pytest.fixture(scope="module")
 def follow_up_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The default batching settings (10 ms window, pipeline depth 2, max batch 8, the follow-up hold on)."""
+    """The default batching settings (10 ms window, pipeline depth 2, max batch 8, the follow-up hold on), and two
+    decode threads in the worker (`NUWA_DECODE_THREADS`; the default on a 2-CPU machine is one)."""
     with serving(
         model_dir,
         tmp_path_factory.mktemp("logs"),
         "follow-ups",
         embed_cache_mb="0",
         hold_for_follow_ups="true",
+        decode_threads="2",
     ) as handle:
         yield handle
 
@@ -245,3 +247,23 @@ def test_closed_loop_clients_are_not_split_into_alternating_small_batches(
     _closed_loop_batch_sizes(follow_up_server, clients=4, per_client=6, first_seed=500)  # learn
     sizes = _closed_loop_batch_sizes(follow_up_server, clients=4, per_client=10, first_seed=600)
     assert sum(sizes) / len(sizes) >= 3.0, sizes
+
+
+def test_a_batch_decoded_by_two_threads_answers_each_request_about_its_own_image(
+    follow_up_server: ServerProcess,
+) -> None:
+    """Eight different scenes at once: batched, their images decoded two at a time, and every answer is about its
+    own image (a mix-up between items would put the boxes on the wrong scenes)."""
+    scenes = [scene_png(700 + index) for index in range(8)]
+    with follow_up_server.client(timeout=120) as client, ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda scene: ground(client, scene[0], scene[1]), scenes))
+    assert all(response.status_code == 200 for response in responses), [r.text for r in responses]
+    bodies = [response.json() for response in responses]
+    assert max(body["batch_size"] for body in bodies) > 1
+    overlaps = [
+        iou(body["boxes"][0]["xyxy"], scene[2]) if body["boxes"] else 0.0
+        for body, scene in zip(bodies, scenes, strict=True)
+    ]
+    assert sum(overlap >= 0.5 for overlap in overlaps) >= 7, overlaps
+    messages = [record.get("message", "") for record in follow_up_server.log_records()]
+    assert any("2 decode threads" in message for message in messages)
