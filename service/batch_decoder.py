@@ -2,16 +2,16 @@
 
 Why threads: a 12-megapixel JPEG takes 38-49 ms of libjpeg entropy decoding (BENCHMARKS 7.1), and a batch of 8
 of them decoded one after another is about 300 ms of the reader thread, as long as a GPU might take for the
-batch itself, and the device waits whenever the decoder is the slower of the two. Pillow (and hashlib) release the GIL while they work, so `decode_threads`
-threads decode that many images at once: 8 such JPEGs take 302 -> 152 ms with 2 threads on a 2-vCPU machine
-(`bench/decode_threads.py`, BENCHMARKS 7.1.4). The cost is memory: up to `decode_threads` images are being
-decoded at a time, a JPEG at most at about twice the model's size (`draft`), other formats as a full raster
-(3 bytes per pixel, `NUWA_MAX_IMAGE_PIXELS` at most) for a moment.
+batch itself, and the device waits whenever the decoder is the slower of the two. Pillow (and hashlib) release
+the GIL while they work, so `NUWA_WORKER_DECODE_THREADS` threads decode that many images at once: 8 such JPEGs
+take 302 -> 152 ms with 2 threads on a 2-vCPU machine (`bench/decode_threads.py`, BENCHMARKS 7.1.4). The cost
+is memory: up to that many images are being decoded at a time, a JPEG at most at about twice the model's size
+(`draft`), other formats as a full raster (3 bytes per pixel, `NUWA_MAX_IMAGE_PIXELS` at most) for a moment.
 
 Why once per image: a request with several phrases arrives as several items with the same bytes, and chat
 clients resend the same image every turn; a decoded image is kept among the recent ones (`DECODED_CACHE_BYTES`)
-and reused. Only the reader thread calls `decode`, and it decodes too: the pool has `decode_threads - 1`
-threads, so a lone image never waits for a thread hand-off.
+and reused. Only the reader thread calls `decode`, and it decodes too (the pool has one thread fewer than the
+setting), so a lone image never waits for a thread hand-off.
 """
 
 from __future__ import annotations

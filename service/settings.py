@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         default="auto", description='"auto" (CUDA when present, else CPU), "cpu" or "cuda:N".'
     )
     torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads in the worker.")
-    decode_threads: int | None = Field(
+    worker_decode_threads: int | None = Field(
         default=None,
         ge=1,
         le=64,

@@ -63,7 +63,7 @@ def run_worker(settings: Settings, batch_conn: Connection, ctrl_conn: Connection
         embedding_cache=_embedding_cache(settings),
         cache_namespace=f"{ready.model_name}:{ready.geometry!r}",
         fault_injection=FaultInjection.parse(settings.fault_injection),
-        decode_threads=settings.decode_threads or default_decode_threads(),
+        decode_threads=settings.worker_decode_threads or default_decode_threads(),
     )
     threading.Thread(
         target=_serve_control, args=(runner, ctrl_conn, pipeline.progress), name="nuwa-control", daemon=True

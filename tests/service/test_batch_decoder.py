@@ -150,10 +150,12 @@ def test_the_thread_count_defaults_to_one_per_four_cpus_and_is_a_setting(monkeyp
     assert default_decode_threads() == 4
     monkeypatch.setattr(batch_decoder.os, "sched_getaffinity", lambda pid: set(range(128)))
     assert default_decode_threads() == 4
-    monkeypatch.setenv("NUWA_DECODE_THREADS", "3")
-    assert Settings().decode_threads == 3
-    monkeypatch.setenv("NUWA_DECODE_THREADS", "0")
-    with pytest.raises(ValueError, match="decode_threads"):
+    monkeypatch.setenv("NUWA_WORKER_DECODE_THREADS", "3")
+    assert Settings().worker_decode_threads == 3 and Settings().decode_threads == 2  # the API's pool is apart
+    monkeypatch.setenv("NUWA_WORKER_DECODE_THREADS", "0")
+    with pytest.raises(ValueError, match="worker_decode_threads"):
         Settings()
+    monkeypatch.delenv("NUWA_WORKER_DECODE_THREADS")
+    assert Settings().worker_decode_threads is None  # unset: `default_decode_threads()` in the worker
     with pytest.raises(ValueError):
         BatchDecoder(lambda size: None, "bicubic", 0)

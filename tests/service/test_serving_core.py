@@ -203,14 +203,14 @@ def test_readyz_reports_the_load(window_server: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def follow_up_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The default batching settings (10 ms window, pipeline depth 2, max batch 8, the follow-up hold on), and two
-    decode threads in the worker (`NUWA_DECODE_THREADS`; the default on a 2-CPU machine is one)."""
+    decode threads in the worker (`NUWA_WORKER_DECODE_THREADS`; the default on a 2-CPU machine is one)."""
     with serving(
         model_dir,
         tmp_path_factory.mktemp("logs"),
         "follow-ups",
         embed_cache_mb="0",
         hold_for_follow_ups="true",
-        decode_threads="2",
+        worker_decode_threads="2",
     ) as handle:
         yield handle
 
