@@ -30,6 +30,12 @@ from tests.models.tiny import tiny_llava, tiny_qwen, tiny_qwen3_vl
 torch.set_num_threads(1)
 
 PROMPTS = ["What color is the circle?", "Locate the red square in the image please", "How many?"]
+UNPRUNED = [PruningConfig(method="none")] * 3
+MIXED_DROPS = [  # a padded batch whose samples keep different numbers of tokens, two with an LLM-side drop
+    PruningConfig(method="nuwa", budget=0.25),
+    PruningConfig(method="none"),
+    PruningConfig(method="fastv", budget=0.5),
+]
 
 
 def _images(count: int, side: int) -> list[Image.Image]:
@@ -76,12 +82,8 @@ def tiny_adapter() -> LlavaAdapter:
 @pytest.mark.parametrize(
     "configs",
     [
-        [PruningConfig(method="none")] * 3,
-        [
-            PruningConfig(method="nuwa", budget=0.25),
-            PruningConfig(method="none"),
-            PruningConfig(method="fastv", budget=0.5),
-        ],
+        UNPRUNED,
+        MIXED_DROPS,
         [PruningConfig(method="nuwa_stage1", budget=0.5)] * 3,
     ],
     ids=["unpruned", "mixed-drops", "stage1-only"],
@@ -141,12 +143,8 @@ def qwen_adapter(request) -> Qwen2_5_VLAdapter:
 @pytest.mark.parametrize(
     "configs",
     [
-        [PruningConfig(method="none")] * 3,
-        [
-            PruningConfig(method="nuwa", budget=0.25),
-            PruningConfig(method="none"),
-            PruningConfig(method="fastv", budget=0.5),
-        ],
+        UNPRUNED,
+        MIXED_DROPS,
     ],
     ids=["unpruned", "mixed-drops"],
 )
