@@ -18,18 +18,23 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from PIL import Image
 
 from service.images import decode_for_model
 from service.messages import WorkItem
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+"""The cgroup v2 CPU limit of this process's container (absent outside one, or under cgroup v1)."""
 
 DECODED_CACHE_BYTES = 64 * 1024 * 1024
 """Decoded images kept for reuse (they are at most the model's decode size each)."""
@@ -41,14 +46,31 @@ DecodeSize = Callable[[tuple[int, int]], tuple[int, int] | None]
 """The model's decode size for an image's (upright) size (`Geometry.decode_size`)."""
 
 
-def default_decode_threads() -> int:
-    """One decoder per four CPUs this process may run on, 1 to 4: a 2-vCPU machine keeps one decoder next to
-    the model's threads, a 16-core GPU host gets four."""
+def default_decode_threads(cgroup_cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """One decoder per four CPUs this process may use, 1 to 4: a 2-vCPU machine keeps one decoder next to the
+    model's threads, a 16-core GPU host gets four.
+
+    "May use" is the smaller of the CPUs it may run on and its cgroup's CPU quota: a container limited to 2 CPUs
+    on a 64-core node sees 64 CPUs in its affinity mask but gets 2 CPUs' time (Kubernetes' `limits.cpu`).
+    """
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_cpu_max)
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
     return max(1, min(4, cpus // 4))
+
+
+def cgroup_cpu_quota(cpu_max: Path = CGROUP_CPU_MAX) -> float | None:
+    """CPUs' worth of time the cgroup (v2) allows, from `cpu.max` ("quota period", or "max ..."); None: no limit
+    or no such file."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -183,6 +205,7 @@ def image_bytes(image: Image.Image) -> int:
 
 
 __all__ = [
+    "cgroup_cpu_quota",
     "DECODED_CACHE_BYTES",
     "BatchDecoder",
     "Decoded",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from PIL import Image
 
 from models.budget import PruningConfig
 from service import batch_decoder
-from service.batch_decoder import BatchDecoder, default_decode_threads
+from service.batch_decoder import BatchDecoder, cgroup_cpu_quota, default_decode_threads
 from service.errors import UnsupportedMediaError
 from service.images import decode_for_model
 from service.messages import ImageBlob, WorkItem
@@ -143,13 +144,21 @@ def test_an_eviction_during_a_batch_cannot_lose_a_reused_image(monkeypatch) -> N
     assert decoded[0].image is decoded[2].image
 
 
-def test_the_thread_count_defaults_to_one_per_four_cpus_and_is_a_setting(monkeypatch) -> None:
+def test_the_thread_count_defaults_to_one_per_four_cpus_and_is_a_setting(monkeypatch, tmp_path: Path) -> None:
+    unlimited = tmp_path / "no-cpu.max"  # outside a container: no cgroup file
     monkeypatch.setattr(batch_decoder.os, "sched_getaffinity", lambda pid: set(range(2)))
-    assert default_decode_threads() == 1
+    assert default_decode_threads(unlimited) == 1
     monkeypatch.setattr(batch_decoder.os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert default_decode_threads() == 4
+    assert default_decode_threads(unlimited) == 4
     monkeypatch.setattr(batch_decoder.os, "sched_getaffinity", lambda pid: set(range(128)))
-    assert default_decode_threads() == 4
+    assert default_decode_threads(unlimited) == 4
+    limited = tmp_path / "cpu.max"
+    limited.write_text("200000 100000\n")  # a container limited to 2 CPUs on a 128-core node
+    assert cgroup_cpu_quota(limited) == 2.0 and default_decode_threads(limited) == 1
+    limited.write_text("1250000 100000\n")  # 12.5 CPUs: 13 // 4
+    assert default_decode_threads(limited) == 3
+    limited.write_text("max 100000\n")
+    assert cgroup_cpu_quota(limited) is None and default_decode_threads(limited) == 4
     monkeypatch.setenv("NUWA_WORKER_DECODE_THREADS", "3")
     assert Settings().worker_decode_threads == 3 and Settings().decode_threads == 2  # the API's pool is apart
     monkeypatch.setenv("NUWA_WORKER_DECODE_THREADS", "0")
