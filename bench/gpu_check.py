@@ -1,4 +1,4 @@
-"""The one-shot GPU check (issue 16), driven by `bench/gpu_check.sh`: three steps, JSON under bench/results/,
+"""The one-shot GPU check (issue 16), driven by `bench/gpu_check.sh`: four steps, JSON under bench/results/,
 one summary table at the end. Every step has its own time limit, so one slow step cannot eat the others'.
 
 1. ``service``: `python -m service` on cuda:0 with the committed built-in model (the real deployment path): the
@@ -11,6 +11,9 @@ one summary table at the end. Every step has its own time limit, so one slow ste
 3. ``memory``: `bench/vision_memory.py` on CUDA with the REAL Qwen2.5-VL-7B vision tower (32 blocks,
    full attention 7/15/23/31) and CLIP-L/336: allocator peak of the bare tower and of vision + stage 1 at 0.5,
    2, 4 and 12.8 MP.
+4. ``decode``: `bench/decode_step.py` on the same 7B/8B shapes in bf16: the stock decode step vs the fast one
+   (`models.fast_decode`), batch 1 and 8, logits compared at every step. Last, so that a slow run of it costs
+   nothing the other steps measure.
 
 `--dry-run` runs the same logic on the CPU with small shapes (service on cpu, `--smoke` shapes, fewer sizes), so
 the one GPU call is spent measuring, not debugging. Its numbers mean nothing.
@@ -290,6 +293,24 @@ def step_memory(args: argparse.Namespace) -> dict:
     return run
 
 
+# ---------------------------------------------------------------------------------------------------- decode
+def step_decode(args: argparse.Namespace) -> dict:
+    from bench.shapes import SHAPES
+
+    out = args.results / f"gpu_decode_step{args.suffix}.json"
+    arguments = ["--device", args.device, "--families", *SHAPES, "--batch-sizes", "1", "8", "--out", str(out)]
+    arguments += ["--smoke", "--repeats", "2", "--steps", "3"] if args.dry_run else ["--repeats", "3"]
+    run = _run_module("bench.decode_step", [*arguments, "--no-quiet-wait"], args.decode_budget_s)
+    if run["returncode"] == 0 and out.is_file():
+        run["rows"] = {
+            name: {key: row[key] for key in ("stock_ms_per_step", "fast_ms_per_step", "fast_over_stock")}
+            | {"exact": row["logits_equal_every_step"]}
+            for name, row in json.loads(out.read_text())["results"].items()
+        }
+    run["ok"] = run["returncode"] == 0
+    return run
+
+
 # ---------------------------------------------------------------------------------------------------- summary
 def summary_table(results: dict) -> str:
     lines = ["| step | ok | seconds | result |", "| --- | --- | --- | --- |"]
@@ -345,6 +366,16 @@ def summary_table(results: dict) -> str:
         lines.append(
             f"| memory: vision + stage 1 | {memory.get('ok')} | {memory.get('seconds', 0):.0f} | {'; '.join(parts)} |"
         )
+    decode = results.get("decode", {})
+    if decode:
+        parts = [
+            f"{name}: {row['stock_ms_per_step']:.1f} -> {row['fast_ms_per_step']:.1f} ms/step "
+            f"({row['fast_over_stock']:.2f}x{', exact' if row['exact'] else ', NOT exact'})"
+            for name, row in (decode.get("rows") or {}).items()
+        ]
+        lines.append(
+            f"| decode: stock vs fast step | {decode.get('ok')} | {decode.get('seconds', 0):.0f} | {'; '.join(parts)} |"
+        )
     return "\n".join(lines)
 
 
@@ -352,6 +383,7 @@ STEPS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "service": step_service,
     "speed": step_speed,
     "memory": step_memory,
+    "decode": step_decode,
 }
 
 
@@ -362,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS))
     parser.add_argument("--speed-budget-s", type=float, default=170.0, help="split over the shapes")
     parser.add_argument("--memory-budget-s", type=float, default=100.0)
+    parser.add_argument("--decode-budget-s", type=float, default=90.0)
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

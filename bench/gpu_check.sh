@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One-shot GPU check (issue 16): the service on cuda:0 with the built-in model, the 7B-shape speed benchmark and
-# the vision + stage-1 memory benchmark, in about 6 minutes on one GPU; JSON under bench/results/ and one summary
-# table at the end (bench/gpu_check.py has the details).
+# One-shot GPU check (issue 16): the service on cuda:0 with the built-in model, the 7B-shape speed benchmark, the
+# vision + stage-1 memory benchmark and the stock vs fast decode step on the 7B/8B shapes, in about 7-8 minutes on
+# one GPU; JSON under bench/results/ and one summary table at the end (bench/gpu_check.py has the details).
 #
 # The GPU machine has Python 3.12, torch (CUDA), transformers 5.17 and torchvision, and reaches no registry. What
 # it lacks travels as wheels in bench/gpu_wheels/ (made by bench/gpu_wheels.sh; git-ignored, so the run tool must

@@ -8,8 +8,8 @@ Python: the stock `LlavaForConditionalGeneration.forward` builds the causal mask
 kwargs-checking wrappers, and every decoder layer goes through its checkpointing wrapper and our stage-2
 pre-hook, each step. Measured on the built-in model (1 CPU thread, `bench/engine_vs_generate.py`'s setting):
 8.5 -> 7.1 ms per step at batch 1 and 14.5 -> 12.1 ms at batch 8, the same logits to the last bit. With every
-change below, `bench/decode_step.py` gives 0.71x / 0.69x the stock step's time on the built-in model and
-0.85x / 0.93x on the Qwen families at smoke widths (batch 1 / 8, an AVX-512 CPU).
+change below, `bench/decode_step.py` gives 0.72x / 0.71x the stock step's time on the built-in model and
+0.86x / 0.94x on the Qwen families at smoke widths (batch 1 / 8, an AVX-512 CPU).
 
 The KV cache of the steps is `KVBuffers`: the prefill's cache copied once into buffers with room for the next
 tokens, written in place. transformers' `DynamicCache` concatenates every layer's whole cache on every step

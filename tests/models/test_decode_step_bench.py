@@ -1,4 +1,4 @@
-"""`bench/decode_step.py` runs and finds the fast step exact on the Qwen shapes the GPU check times.
+"""`bench/decode_step.py` runs and finds the fast step exact on the 7B/8B shapes the GPU check times.
 
 The smoke shapes of `bench.shapes` are the real configs (M-RoPE sections, biases, q/k norms, DeepStack) at small
 widths: the same code path the 7B/8B runs take on a GPU.
@@ -17,8 +17,10 @@ def test_the_decode_step_benchmark_times_both_paths_and_finds_them_equal(tmp_pat
     decode_step.main(
         [
             "--families",
-            "qwen2_5_vl_smoke",
-            "qwen3_vl_smoke",
+            "llava_1_5_7b",
+            "qwen2_5_vl_7b",
+            "qwen3_vl_8b",
+            "--smoke",
             "--batch-sizes",
             "1",
             "3",
@@ -32,9 +34,23 @@ def test_the_decode_step_benchmark_times_both_paths_and_finds_them_equal(tmp_pat
         ]
     )
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {f"{f} batch {b}" for f in ("qwen2_5_vl_smoke", "qwen3_vl_smoke") for b in (1, 3)}
+    shapes = ("llava_1_5_7b", "qwen2_5_vl_7b", "qwen3_vl_8b")
+    assert set(results) == {f"{shape} (smoke) batch {b}" for shape in shapes for b in (1, 3)}
     for row in results.values():
         assert row["logits_equal_every_step"] is True
         assert row["stock_ms_per_step"] > 0 and row["fast_ms_per_step"] > 0
         ratio = row["fast_ms_per_step"] / row["stock_ms_per_step"]  # of the rounded medians: close, not equal
         assert abs(row["fast_over_stock"] - ratio) < 0.01
+
+
+def test_the_gpu_checks_decode_step_runs_it_and_summarises_every_row(tmp_path: Path, capsys) -> None:
+    """`bench/gpu_check.sh`'s `decode` step, dry run (CPU, smoke shapes): the one GPU call must not be spent
+    debugging it."""
+    from bench import gpu_check
+
+    assert gpu_check.main(["--dry-run", "--steps", "decode", "--results", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check_dry_run.json").read_text())
+    rows = report["decode"]["rows"]
+    assert len(rows) == 6 and all(row["exact"] for row in rows.values())
+    table = capsys.readouterr().out
+    assert "| decode: stock vs fast step | True |" in table and "qwen3_vl_8b (smoke) batch 8" in table
