@@ -121,11 +121,16 @@ class BatchDecoder:
             if isinstance(hashed, Exception):
                 raise hashed
             digests.append(hashed)
-        keys = [(d, self._decode_size(item.image.size)) for (d, _), item in zip(digests, items, strict=True)]
+        keys: list[_Key | Exception] = []
+        for (image_digest, _), item in zip(digests, items, strict=True):
+            try:
+                keys.append((image_digest, self._decode_size(item.image.size)))
+            except Exception as exc:  # a size the geometry refuses fails its item, as a failed decode does
+                keys.append(exc)
         reused: dict[_Key, Image.Image] = {}  # taken now: a later `_remember` may evict them from `_recent`
         first_of: dict[_Key, int] = {}  # images to decode now: the first item of each
         for index, key in enumerate(keys):
-            if key in reused or key in first_of:
+            if isinstance(key, Exception) or key in reused or key in first_of:
                 continue
             if (image := self._recent.get(key)) is not None:
                 self._recent.move_to_end(key)
@@ -137,6 +142,9 @@ class BatchDecoder:
         outcomes: list[Decoded] = []
         for index, key in enumerate(keys):
             image_digest, seconds = digests[index]
+            if isinstance(key, Exception):
+                outcomes.append(Decoded(image_digest, None, key, seconds))
+                continue
             if key in reused:
                 outcomes.append(Decoded(image_digest, reused[key], None, seconds))
                 continue

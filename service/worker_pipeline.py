@@ -1,7 +1,6 @@
 """The worker's two-stage pipeline: one thread prepares batch N+1 while the main thread runs batch N.
 
-    batch pipe --> reader thread: decode images (bounded, `decode_threads` at once), run the processor
-                   --> prepared queue
+    batch pipe --> reader thread: decode images (bounded, several at once), run the processor --> prepared queue
                    main thread:   vision (embedding cache) -> prune -> prefill -> decode --> outbox
 
 Why two threads: decoding images and the processor's resize/normalise/tokenise are CPU work, and the device would
@@ -122,10 +121,8 @@ class WorkerPipeline:
         self.fault_injection = fault_injection
         self.progress = Progress()
         self._prepared: queue.SimpleQueue[_Prepared | None] = queue.SimpleQueue()
-        geometry = runner.geometry
-        self.decoder = BatchDecoder(
-            geometry.decode_size, geometry.resample, decode_threads
-        )  # reader thread only
+        geometry = runner.geometry  # the decoder is the reader thread's alone
+        self.decoder = BatchDecoder(geometry.decode_size, geometry.resample, decode_threads)
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
 

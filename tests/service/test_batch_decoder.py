@@ -113,6 +113,20 @@ def test_a_corrupt_image_fails_its_items_only() -> None:
     assert decoded[1].error is None and decoded[1].image is not None
 
 
+def test_a_size_the_geometry_refuses_fails_its_item_only() -> None:
+    png, size = _encoded(5, "PNG", (300, 300))
+    odd, odd_size = _encoded(6, "PNG", (301, 300))
+
+    def even_only(image_size: tuple[int, int]) -> tuple[int, int]:
+        if image_size[0] % 2:
+            raise ValueError("odd width")
+        return _half(image_size)
+
+    decoded = BatchDecoder(even_only, "bicubic", 2).decode([_item("p", png, size), _item("q", odd, odd_size)])
+    assert decoded[0].error is None and decoded[0].image is not None
+    assert isinstance(decoded[1].error, ValueError) and decoded[1].image is None
+
+
 def test_two_threads_decode_two_images_at_once(monkeypatch) -> None:
     """Each decode waits at a barrier for another one: only a decoder that runs two at once gets past it."""
     real = batch_decoder.decode_for_model
