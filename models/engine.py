@@ -414,7 +414,7 @@ class VisionLanguageAdapter(ABC):
             for b, value in zip(to_encode, fresh, strict=True):
                 encoded[b] = value
                 if keys[b] is not None and cache is not None:
-                    cache.put(keys[b], value)
+                    cache.put(storage_key(image_keys[b], configs[b], value), value)
         for b in range(size):
             if encoded[b] is None:
                 encoded[b] = encoded[source[b]]
@@ -551,6 +551,20 @@ class VisionLanguageAdapter(ABC):
         )
 
 
+def storage_key(image_key: Any, config: PruningConfig, encoded: EncodedImage) -> tuple[Any, Any]:
+    """The key an encoding is stored under: with its similarity layers whenever it carries the similarity.
+
+    Why not always `embedding_keys(...)[0]`: a request that reads no similarity would store under
+    `(image, None)`, which a later request that aggregates never looks up, although the entry may well carry the
+    similarity (Qwen's towers always record it; LLaVA's does when the batch needed it) and would serve it: a user
+    who grounds a phrase unpruned and then asks for a Nüwa budget on the same image would run the tower twice.
+    An entry under `(image, layers)` serves both kinds (`embedding_keys`).
+    """
+    if encoded.similarity is not None:
+        return (image_key, config.similarity_layers)
+    return (image_key, None)
+
+
 def embedding_keys(image_key: Any, config: PruningConfig) -> tuple[tuple[Any, Any], ...]:
     """The embedding-cache keys whose entry serves `config` for this image, the one it is stored under first.
 
@@ -571,4 +585,5 @@ __all__ = [
     "Stage1Sample",
     "VisionLanguageAdapter",
     "embedding_keys",
+    "storage_key",
 ]

@@ -158,3 +158,29 @@ def test_an_image_is_encoded_once_whichever_of_its_requests_needs_the_similarity
     for b, single in enumerate(alone):
         assert shared.sequences[b] == single.sequences[0]
         assert shared.reports[b].kept == single.reports[0].kept
+
+
+def test_an_entry_with_the_similarity_serves_a_later_request_that_aggregates(adapter) -> None:
+    """Unpruned first, then a Nüwa budget on the same image: Qwen's tower always records the similarity, so its
+    entry serves the second request (bit-identical to running the tower); LLaVA's skipped the layers only the
+    similarity needs, so its entry cannot, and the tower runs again."""
+    from models.methods import get_method
+
+    cache = EmbeddingCache(64 * 1024 * 1024)
+    image, prompt = _image(21), "Locate the red square in the image please"
+    unpruned, aggregating = PruningConfig(method="none"), PruningConfig(method="nuwa", budget=0.5)
+    assert not get_method("none").needs_similarity(unpruned)
+    assert get_method("nuwa").needs_similarity(aggregating)
+    _generate(adapter, [image], [prompt], [unpruned], ["img-21"], cache)
+    counter = _CountingVision(adapter)
+    try:
+        second = _generate(adapter, [image], [prompt], [aggregating], ["img-21"], cache)
+    finally:
+        counter.restore()
+    reference = _generate(adapter, [image], [prompt], [aggregating], [None], cache=None)
+    assert second.sequences == reference.sequences and second.reports == reference.reports
+    if isinstance(adapter, Qwen2_5_VLAdapter):
+        assert (second.cache_status, counter.images) == (["hit"], 0)
+    else:
+        assert (second.cache_status, counter.images) == (["miss"], 1)
+    assert cache.stats().entries == (1 if isinstance(adapter, Qwen2_5_VLAdapter) else 2)
