@@ -21,7 +21,6 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from bench.quiet import start_benchmark
+from bench.quiet import start_in_process_benchmark
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +103,9 @@ def _time_steps(adapter: Any, side: int, batch_size: int, steps: int, repeats: i
             exact = exact and all(
                 torch.equal(a, b) for a, b in zip(results["stock"], results["fast"], strict=True)
             )
-            if repeat == 0:
-                times = {"stock": [], "fast": []}
     finally:
         adapter.controller.finish()
-    stock_ms, fast_ms = statistics.median(times["stock"]), statistics.median(times["fast"])
+    stock_ms, fast_ms = statistics.median(times["stock"][1:]), statistics.median(times["fast"][1:])
     return {
         "stock_ms_per_step": round(stock_ms, 3),
         "fast_ms_per_step": round(fast_ms, 3),
@@ -130,13 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--smoke", action="store_true", help="the 7B/8B shapes at small widths (CPU)")
     parser.add_argument("--device", default="cpu", help='"cpu" or "cuda:N" (the shapes run in bf16 there)')
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, required=True)
-    args, loads = start_benchmark(parser, argv)
-    torch.set_num_threads(args.threads)
+    args, loads = start_in_process_benchmark(parser, argv, repeats=15)
     device = torch.device(args.device)
     results: dict[str, Any] = {}
     for family in args.families:

@@ -15,14 +15,13 @@ import json
 import logging
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from bench.payloads import scene_png
-from bench.quiet import start_benchmark
+from bench.quiet import start_in_process_benchmark
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     from models.tasks import TaskRequest
 
     parser = argparse.ArgumentParser(description="runner.run vs processor + generate(), in one process.")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, required=True)
-    args, loads = start_benchmark(parser, argv)
-    torch.set_num_threads(args.threads)
+    args, loads = start_in_process_benchmark(parser, argv, repeats=7)
     runner = load_runner(BUILTIN_MODEL_DIR, "cpu")
     processor = AutoProcessor.from_pretrained(BUILTIN_MODEL_DIR)
     processor.tokenizer.padding_side = "left"

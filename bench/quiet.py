@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -111,11 +112,28 @@ def start_benchmark(
     return args, loads_from(args)
 
 
+def start_in_process_benchmark(
+    parser: argparse.ArgumentParser, argv: list[str] | None, repeats: int
+) -> tuple[argparse.Namespace, LoadAverages]:
+    """`start_benchmark` for a benchmark that runs the model in its own process (no server), with the options
+    they all take: --batch-sizes, --repeats, --threads (torch's, applied here) and --out."""
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--out", type=Path, required=True)
+    args, loads = start_benchmark(parser, argv)
+    import torch  # here, not at the top: the server benchmarks import this module without torch
+
+    torch.set_num_threads(args.threads)
+    return args, loads
+
+
 __all__ = [
     "LoadAverages",
     "add_quiet_arguments",
     "load_average",
     "loads_from",
     "start_benchmark",
+    "start_in_process_benchmark",
     "wait_for_quiet",
 ]

@@ -4,8 +4,9 @@ Why not `model.generate()`: after an LLM-side drop the layers after the drop hav
 layers before it, and every sample of a padded batch kept a different number of tokens, so the stage-2 controller
 must see every step (`models/stage2.py`). Owning the loop also lets the prefill and the decode be timed apart.
 Positions continue from the prompt's last ORIGINAL position id (not the pruned length), so decoding sees the same
-positions the unpruned model would. Cached steps of a Llama-style language model (LLaVA, Qwen2.5-VL, dense Qwen3-VL) go through `models.fast_decode`
-(the same arithmetic without the model stack's per-step Python); other models step through their own forward.
+positions the unpruned model would. Cached steps of a Llama-style language model (LLaVA, Qwen2.5-VL, dense
+Qwen3-VL) go through `models.fast_decode` (the same arithmetic without the model stack's per-step Python); other
+models step through their own forward.
 """
 
 from __future__ import annotations

@@ -386,7 +386,6 @@ class VisionLanguageAdapter(ABC):
             None if image_key is None else embedding_keys(image_key, config)
             for image_key, config in zip(image_keys, configs, strict=True)
         ]
-        keys = [None if options is None else options[0] for options in candidates]
         encoded: list[EncodedImage | None] = [None] * size
         status: list[CacheStatus] = ["miss"] * size
         first_of: dict[Any, int] = {}
@@ -413,7 +412,7 @@ class VisionLanguageAdapter(ABC):
             fresh = self.encode_images(sub_batch, [configs[b] for b in to_encode])
             for b, value in zip(to_encode, fresh, strict=True):
                 encoded[b] = value
-                if keys[b] is not None and cache is not None:
+                if image_keys[b] is not None and cache is not None:
                     cache.put(storage_key(image_keys[b], configs[b], value), value)
         for b in range(size):
             if encoded[b] is None:

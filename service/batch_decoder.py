@@ -79,12 +79,12 @@ class Decoded:
 
     `digest` is the content hash of the image's bytes (the embedding cache's key); `seconds` covers hashing it
     and, for the first item of an image decoded in this batch, the decode itself (an image reused from the recent
-    ones or from an earlier item of the batch costs its hash only).
+    ones or from an earlier item of the batch costs its hash only). Exactly one of `image` and `error` is set.
     """
 
     digest: str
     image: Image.Image | None
-    error: BaseException | None
+    error: Exception | None
     seconds: float
 
 
@@ -149,7 +149,7 @@ class BatchDecoder:
                 outcomes.append(Decoded(image_digest, reused[key], None, seconds))
                 continue
             result = fresh[key]
-            if isinstance(result, BaseException):  # this item fails, and every item with the same image
+            if isinstance(result, Exception):  # this item fails, and every item with the same image
                 outcomes.append(Decoded(image_digest, None, result, seconds))
                 continue
             image, decode_s = result

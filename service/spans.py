@@ -10,7 +10,7 @@ HTTP layers, parsing, the hops between processes). With a file set, both process
     queued      API: parsed, checked and admitted, in the queue
     dispatched  API: its batch is handed to the pipe
     received    worker: the batch read off the pipe
-    decoded     worker: its image decoded
+    decoded     worker: its batch's images decoded (several at once, `service.batch_decoder`)
     running     worker: its batch starts on the model thread (preprocessing done)
     done        worker: the batch's answers are ready to send
     delivered   API: the answers read off the pipe

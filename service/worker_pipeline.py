@@ -163,13 +163,12 @@ class WorkerPipeline:
         for item in message.items:
             spans.mark(item.request_id, "received")
         for item, decoded in zip(message.items, self.decoder.decode(message.items), strict=True):
-            if decoded.error is not None or decoded.image is None:
-                exc = decoded.error
+            if (exc := decoded.error) is not None:
                 if isinstance(exc, NuwaError):
                     failure = WorkerFailure(item.request_id, exc.status_code, exc.code, exc.message)
                 else:  # a decoder bug must fail this request, not the worker
                     logger.error("decoding the image of %s failed", item.request_id, exc_info=exc)
-                    failure = _failure_of(item, exc or RuntimeError("no image"))
+                    failure = _failure_of(item, exc)
                 prepared.failures[item.request_id] = failure
                 continue
             prepared.decode_s[item.request_id] = decoded.seconds
